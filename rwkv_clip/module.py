@@ -1,0 +1,208 @@
+"""The CLIP LightningModule: two swappable towers, optional projections, a contrastive loss and the recipe.
+
+    images -> image_encoder -> (proj) -> L2-norm ─┐
+                                                  ├─ InfoNCE / SigLIP, gathered over ranks with gradient
+    tokens -> text_encoder  -> (proj) -> L2-norm ─┘
+
+The towers are any ``nn.Module`` with ``forward(x) -> (B, width)`` and a ``width`` attribute, chosen in
+YAML with ``class_path``/``init_args`` (see ``configs/``).
+"""
+
+import math
+import time
+from typing import Literal, Optional
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from torch import nn
+
+from rwkv_clip.loss import (
+    CLIP_LOGIT_SCALE_INIT,
+    SIGLIP_LOGIT_BIAS_INIT,
+    SIGLIP_LOGIT_SCALE_INIT,
+    clip_loss,
+    siglip_loss,
+)
+
+# Parameters whose names contain one of these get no weight decay (DESIGN §4, fix): RWKV's mixing
+# coefficients, decay and bonus (time_*), position embeddings and learned tokens, and the loss temperature.
+NO_DECAY_NAME_PARTS = ("time_", "pos_embed", "positional_embedding", "cls_token", "reg_token", "logit_scale", "logit_bias")
+
+
+class CLIPModule(L.LightningModule):
+    """Contrastive image-text training.
+
+    Args:
+        image_encoder: image tower, ``(B, 3, H, W) -> (B, width)``.
+        text_encoder: text tower, ``(B, L) token ids -> (B, width)``.
+        embed_dim: width of the shared embedding. ``None`` (the published RWKV-CLIP) feeds the pooled
+            features straight into the loss, which needs both towers to have the same width. An integer adds a
+            bias-free linear projection to ``embed_dim`` on each tower.
+        loss: ``"infonce"`` (symmetric InfoNCE, CLIP) or ``"siglip"`` (pairwise sigmoid loss).
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay, applied to matrices only.
+        betas: AdamW betas.
+        eps: AdamW epsilon.
+        warmup: share of the optimizer steps spent in linear warm-up (0.1 = 10%), followed by a cosine decay.
+        min_lr_ratio: the cosine decays to ``lr · min_lr_ratio``.
+        max_logit_scale: the logit scale is clamped to ``log(max_logit_scale)`` after every optimizer step.
+    """
+
+    def __init__(
+        self,
+        image_encoder: nn.Module,
+        text_encoder: nn.Module,
+        embed_dim: Optional[int] = None,
+        loss: Literal["infonce", "siglip"] = "infonce",
+        lr: float = 1e-3,
+        weight_decay: float = 0.2,
+        betas: tuple[float, float] = (0.9, 0.98),
+        eps: float = 1e-6,
+        warmup: float = 0.1,
+        min_lr_ratio: float = 0.0,
+        max_logit_scale: float = 100.0,
+    ):
+        super().__init__()
+        for name, encoder in (("image_encoder", image_encoder), ("text_encoder", text_encoder)):
+            if not isinstance(getattr(encoder, "width", None), int):
+                raise ValueError(
+                    f"{name} ({type(encoder).__name__}) must have an integer `width` attribute giving the size of "
+                    "its pooled features; every tower in rwkv_clip.backbones has one."
+                )
+        if embed_dim is None and image_encoder.width != text_encoder.width:
+            raise ValueError(
+                f"The image tower's width ({image_encoder.width}) differs from the text tower's "
+                f"({text_encoder.width}): set model.init_args.embed_dim to project both to a shared width."
+            )
+        if embed_dim is not None and embed_dim <= 0:
+            raise ValueError(f"embed_dim must be a positive integer or null, got {embed_dim}")
+        if not 0.0 <= warmup < 1.0:
+            raise ValueError(f"warmup is the share of steps spent warming up, in [0, 1); got {warmup}")
+        if loss not in ("infonce", "siglip"):
+            raise ValueError(f"loss must be 'infonce' or 'siglip', got {loss!r}")
+
+        # Under LightningCLI the towers' class_path/init_args land in the hyperparameters as plain data, which
+        # is what lets `load_model` rebuild the model from a checkpoint loaded with weights_only=True. Towers
+        # built in Python are modules, not data, so they are left out (pass them to load_model yourself).
+        built_by_cli = _given_hyperparameters.get() is not None
+        self.save_hyperparameters(ignore=None if built_by_cli else ["image_encoder", "text_encoder"])
+        self.image_encoder = image_encoder
+        self.text_encoder = text_encoder
+        self.embed_dim = embed_dim if embed_dim is not None else image_encoder.width
+        self.image_projection = nn.Linear(image_encoder.width, embed_dim, bias=False) if embed_dim else nn.Identity()
+        self.text_projection = nn.Linear(text_encoder.width, embed_dim, bias=False) if embed_dim else nn.Identity()
+        for proj in (self.image_projection, self.text_projection):
+            if isinstance(proj, nn.Linear):
+                nn.init.normal_(proj.weight, std=proj.in_features**-0.5)
+
+        self.loss_name = loss
+        init_scale = CLIP_LOGIT_SCALE_INIT if loss == "infonce" else SIGLIP_LOGIT_SCALE_INIT
+        self.logit_scale = nn.Parameter(torch.tensor(init_scale))
+        self.logit_bias = nn.Parameter(torch.tensor(SIGLIP_LOGIT_BIAS_INIT)) if loss == "siglip" else None
+        self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, tuple(betas), eps
+        self.warmup, self.min_lr_ratio = warmup, min_lr_ratio
+        self.max_log_logit_scale = math.log(max_logit_scale)
+        self._last_step_time: Optional[float] = None
+
+    # ----------------------------------------------------------------------------------------- inference
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embeddings ``(B, embed_dim)``."""
+        return F.normalize(self.image_projection(self.image_encoder(images)), dim=-1)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """L2-normalised text embeddings ``(B, embed_dim)`` of right-padded token ids ``(B, L)``."""
+        return F.normalize(self.text_projection(self.text_encoder(tokens)), dim=-1)
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encode_image(images), self.encode_text(tokens)
+
+    # ------------------------------------------------------------------------------------------ training
+    def _gather(self, x: torch.Tensor, sync_grads: bool) -> torch.Tensor:
+        """Every rank's rows, concatenated in rank order, with gradient flowing back to their owners."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return x
+        return self.all_gather(x, sync_grads=sync_grads).flatten(0, 1)
+
+    def contrastive_loss(self, image_features: torch.Tensor, text_features: torch.Tensor, sync_grads: bool = True):
+        rank = 0 if self._trainer is None else self.trainer.global_rank
+        all_text = self._gather(text_features, sync_grads)
+        if self.loss_name == "siglip":
+            return siglip_loss(image_features, all_text, self.logit_scale, self.logit_bias, rank)
+        all_image = self._gather(image_features, sync_grads)
+        return clip_loss(image_features, text_features, all_image, all_text, self.logit_scale, rank)
+
+    def _check_batch(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise ValueError("CLIPModule expects batches of (images, token_ids); got " f"{type(batch).__name__}")
+        images, tokens = batch
+        if images.dim() != 4 or tokens.dim() != 2 or images.shape[0] != tokens.shape[0]:
+            raise ValueError(
+                f"expected images (B, 3, H, W) and token_ids (B, L) with the same B, got {tuple(images.shape)} "
+                f"and {tuple(tokens.shape)}"
+            )
+        return images, tokens
+
+    def training_step(self, batch, batch_idx):
+        images, tokens = self._check_batch(batch)
+        image_features, text_features = self(images, tokens)
+        loss = self.contrastive_loss(image_features, text_features, sync_grads=True)
+
+        now = time.perf_counter()
+        if self._last_step_time is not None:
+            samples = images.shape[0] * self.trainer.world_size
+            self.log("train/samples_per_s", samples / (now - self._last_step_time), on_step=True, rank_zero_only=True)
+        self._last_step_time = now
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=images.shape[0])
+        self.log("train/logit_scale", self.logit_scale.exp(), on_step=True, batch_size=images.shape[0])
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, batch_size=images.shape[0])
+        return loss
+
+    def on_train_epoch_start(self):
+        self._last_step_time = None  # the gap across an epoch boundary (evaluation) is not training throughput
+
+    def validation_step(self, batch, batch_idx):
+        images, tokens = self._check_batch(batch)
+        image_features, text_features = self(images, tokens)
+        loss = self.contrastive_loss(image_features, text_features, sync_grads=False)
+        self.log("val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=images.shape[0])
+        return loss
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        optimizer.step(closure=optimizer_closure)
+        # CLIP's clamp: an unbounded temperature makes the loss unstable.
+        with torch.no_grad():
+            self.logit_scale.clamp_(max=self.max_log_logit_scale)
+
+    def parameter_groups(self) -> list[dict]:
+        """AdamW groups: weight decay on matrices only (DESIGN §4)."""
+        no_decay_ids = set()
+        for module in self.modules():  # timm's convention: a module may name parameters to spare
+            if hasattr(module, "no_weight_decay") and callable(module.no_weight_decay):
+                names = module.no_weight_decay()
+                no_decay_ids |= {id(p) for n, p in module.named_parameters() if n in names}
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            spared = param.ndim < 2 or id(param) in no_decay_ids or any(part in name for part in NO_DECAY_NAME_PARTS)
+            (no_decay if spared else decay).append(param)
+        return [
+            {"params": decay, "weight_decay": self.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.parameter_groups(), lr=self.lr, betas=self.betas, eps=self.eps)
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup_steps = int(self.warmup * total_steps)
+
+        def lr_factor(step: int) -> float:
+            if step < warmup_steps:
+                return (step + 1) / warmup_steps
+            progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+            return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,182 @@
+"""CLIPModule: loss, DDP gather with gradient, optimisation, logit-scale clamp, checkpoint round-trip."""
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from rwkv_clip import CLIPModule, load_model
+from rwkv_clip.loss import clip_loss, siglip_loss
+from tiny_towers import TinyImageTower, TinyTextTower, fixed_batch
+
+TESTS = Path(__file__).parent
+
+
+def make_model(**kwargs) -> CLIPModule:
+    torch.manual_seed(0)
+    return CLIPModule(TinyImageTower(), TinyTextTower(), embed_dim=8, **kwargs)
+
+
+def test_clip_loss_matches_explicit_formula():
+    torch.manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(5, 4), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(5, 4), dim=-1)
+    scale = torch.tensor(math.log(10.0))
+    logits = 10.0 * img @ txt.T
+    # -log softmax of the diagonal, rows (image->text) and columns (text->image)
+    expected = (-(logits.diag() - logits.logsumexp(1)).mean() - (logits.diag() - logits.logsumexp(0)).mean()) / 2
+    assert torch.allclose(clip_loss(img, txt, img, txt, scale), expected, atol=1e-6)
+
+
+def test_local_loss_labels_are_offset_by_rank():
+    """Rank 1's rows score against every rank's columns, and its positives sit at rank·B + i."""
+    torch.manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(6, 4), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(6, 4), dim=-1)
+    scale = torch.tensor(2.0)
+    full = clip_loss(img, txt, img, txt, scale)
+    local = [clip_loss(img[r * 3 : (r + 1) * 3], txt[r * 3 : (r + 1) * 3], img, txt, scale, rank=r) for r in range(2)]
+    assert torch.allclose((local[0] + local[1]) / 2, full, atol=1e-6)
+    sig_full = siglip_loss(img, txt, scale, torch.tensor(-1.0))
+    sig_local = [siglip_loss(img[r * 3 : (r + 1) * 3], txt, scale, torch.tensor(-1.0), rank=r) for r in range(2)]
+    assert torch.allclose((sig_local[0] + sig_local[1]) / 2, sig_full, atol=1e-6)
+
+
+def test_siglip_matches_explicit_formula():
+    img = torch.nn.functional.normalize(torch.randn(3, 4), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(3, 4), dim=-1)
+    s, b = torch.tensor(math.log(10.0)), torch.tensor(-10.0)
+    expected = 0.0
+    for i in range(3):
+        for j in range(3):
+            z = 1.0 if i == j else -1.0
+            expected -= torch.log(torch.sigmoid(z * (10.0 * img[i] @ txt[j] - 10.0)))
+    assert torch.allclose(siglip_loss(img, txt, s, b), expected / 3, atol=1e-5)
+
+
+def test_projection_rules():
+    with pytest.raises(ValueError, match="embed_dim"):
+        CLIPModule(TinyImageTower(width=16), TinyTextTower(width=12))
+    model = CLIPModule(TinyImageTower(width=16), TinyTextTower(width=12), embed_dim=10)
+    images, tokens = fixed_batch(3)
+    img, txt = model(images, tokens[:, :12] % 64)
+    assert img.shape == txt.shape == (3, 10)
+    assert torch.allclose(img.norm(dim=-1), torch.ones(3)) and torch.allclose(txt.norm(dim=-1), torch.ones(3))
+    published = CLIPModule(TinyImageTower(width=16), TinyTextTower(width=16))  # no projection: widths match
+    assert isinstance(published.image_projection, torch.nn.Identity)
+
+
+def test_bad_batch_is_named():
+    model = make_model()
+    with pytest.raises(ValueError, match="images"):
+        model.training_step((torch.zeros(2, 3, 16, 16), torch.zeros(3, 5, dtype=torch.long)), 0)
+
+
+def test_weight_decay_groups_spare_gains_biases_and_temperature():
+    model = make_model()
+    decay, no_decay = model.parameter_groups()
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    spared = {names[id(p)] for p in no_decay["params"]}
+    assert "logit_scale" in spared
+    assert "image_encoder.norm.weight" in spared and "text_encoder.mlp.0.bias" in spared
+    assert "text_encoder.emb.weight" in decayed and "image_projection.weight" in decayed
+    assert decay["weight_decay"] == model.weight_decay and no_decay["weight_decay"] == 0.0
+
+
+def _fit(model, steps: int, batch, **trainer_kwargs):
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, **trainer_kwargs,
+    )
+    loader = DataLoader(TensorDataset(*batch), batch_size=len(batch[0]))
+    trainer.fit(model, train_dataloaders=loader)
+    return trainer
+
+
+@pytest.mark.parametrize("loss", ["infonce", "siglip"])
+def test_a_few_steps_on_a_fixed_batch_lower_the_loss(loss):
+    model = make_model(loss=loss, lr=5e-3, warmup=0.0)
+    batch = fixed_batch(16)
+    with torch.no_grad():
+        before = model.contrastive_loss(*model(*batch)).item()
+    _fit(model, 30, batch)
+    with torch.no_grad():
+        after = model.contrastive_loss(*model(*batch)).item()
+    assert after < 0.7 * before, (before, after)
+
+
+def test_logit_scale_is_clamped_after_each_step():
+    model = make_model(warmup=0.0, max_logit_scale=20.0)
+    seen = []
+
+    class PushUp(L.Callback):  # before every step, set the scale above the bound; after it, read it back
+        def on_train_batch_start(self, trainer, pl_module, *args):
+            with torch.no_grad():
+                pl_module.logit_scale.fill_(math.log(50.0))
+
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            seen.append(pl_module.logit_scale.item())
+
+    _fit(model, 3, fixed_batch(8), callbacks=[PushUp()])
+    assert seen == pytest.approx([math.log(20.0)] * 3)
+
+
+def test_warmup_then_cosine_schedule():
+    model = make_model(lr=1e-2, warmup=0.25)
+    lrs = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, *args):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    _fit(model, 8, fixed_batch(4), callbacks=[Record()])
+    assert lrs[0] == pytest.approx(1e-2 / 2) and lrs[1] == pytest.approx(1e-2)  # 2 warm-up steps
+    assert lrs[2] == pytest.approx(1e-2)  # the cosine starts at the peak
+    assert all(a > b for a, b in zip(lrs[2:], lrs[3:]))  # then strictly decreasing
+    assert lrs[-1] == pytest.approx(1e-2 * 0.5 * (1 + math.cos(math.pi * 5 / 6)))
+
+
+@pytest.mark.parametrize("loss", ["infonce", "siglip"])
+def test_two_process_ddp_matches_one_process_on_the_concatenated_batch(tmp_path, loss):
+    out = tmp_path / "ddp.pt"
+    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run(
+        [sys.executable, str(TESTS / "ddp_worker.py"), str(out), loss],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = torch.load(out, weights_only=True)
+
+    model = make_model(loss=loss)
+    images, tokens = fixed_batch(8)
+    full_loss = model.contrastive_loss(*model(images, tokens))
+    full_loss.backward()
+    assert torch.allclose(result["rank_losses"].mean(), full_loss.detach(), atol=1e-5)
+    assert not torch.allclose(result["rank_losses"][0], result["rank_losses"][1])  # each rank has its own rows
+    for name, param in model.named_parameters():
+        assert torch.allclose(result["grads"][name], param.grad, atol=1e-5, rtol=1e-4), name
+
+
+def test_checkpoint_round_trip_through_load_model(tmp_path):
+    model = make_model()
+    trainer = _fit(model, 2, fixed_batch(4))
+    ckpt = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(ckpt)
+    with pytest.raises(ValueError, match="image_encoder"):  # towers built in Python: not in the checkpoint
+        load_model(ckpt)
+    loaded = load_model(ckpt, image_encoder=TinyImageTower(), text_encoder=TinyTextTower())
+    assert not loaded.training
+    images, tokens = fixed_batch(4, seed=1)
+    model.eval()
+    with torch.no_grad():
+        for a, b in zip(model(images, tokens), loaded(images, tokens)):
+            assert torch.equal(a, b)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_model(tmp_path / "missing.ckpt")
