@@ -1,0 +1,205 @@
+"""A real OpenAI-compatible chat-completions server on 127.0.0.1, for tests, benchmarks and dry runs.
+
+It answers deterministically (the answer is derived from a hash of the user message) and misbehaves on cue:
+a marker `[[ACTION]]` or `[[ACTIONxN]]` anywhere in the user message (e.g. in the row's text) applies ACTION to
+every request for that message, or only to the first N of them, after which it answers normally.
+
+ACTION: 500 | 503 | 429 (with Retry-After: 0) | 400 (echoes the Authorization header, to test redaction) |
+hang (sleeps `hang_seconds` before answering) | drop (closes the connection without an answer) |
+badjson (200 with a truncated body) | nochoices (200, JSON without choices) | refuse | empty | echo (answers
+with the prompt) | prefix ('Here is the description: "..."') | long (a 300-word answer).
+`server.force = "500"` makes every chat request fail that way until reset to None.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Optional
+
+_MARK = re.compile(r"\[\[([a-z0-9]+?)(?:x(\d+))?\]\]")
+
+
+def mock_answer(content: str) -> str:
+    """The answer the mock server gives to a well-behaved request with this user message."""
+    h = hashlib.sha1(content.encode("utf-8")).hexdigest()[:10]
+    return f"A mock photo {h} of the scene described in the row."
+
+
+class MockChatServer:
+    def __init__(self, delay: float = 0.0, api_key: Optional[str] = None, hang_seconds: float = 2.0,
+                 model: str = "mock-model"):
+        self.delay, self.api_key, self.hang_seconds, self.model = delay, api_key, hang_seconds, model
+        self.force: Optional[str] = None
+        self.lock = threading.Lock()
+        self.seen: Counter = Counter()       # user message -> requests received
+        self.log: list = []                  # (monotonic time, user message, action or "ok", status)
+        self.auth_headers: set = set()
+        self._httpd: Optional[ThreadingHTTPServer] = None
+        self._thread: Optional[threading.Thread] = None
+
+    # ------------------------------------------------------------------------------ lifecycle
+    @property
+    def url(self) -> str:
+        assert self._httpd is not None, "start() the server first"
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
+
+    def start(self) -> "MockChatServer":
+        server = self
+
+        class Handler(_Handler):
+            mock = server
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self._httpd.block_on_close = False
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+
+    def __enter__(self) -> "MockChatServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def requests_for(self, needle: str) -> list:
+        """Log entries of the requests whose user message contains `needle`."""
+        with self.lock:
+            return [e for e in self.log if needle in e[1]]
+
+    def action(self, content: str) -> str:
+        with self.lock:
+            self.seen[content] += 1
+            nth = self.seen[content]
+        if self.force:
+            return self.force
+        m = _MARK.search(content)
+        if m is None:
+            return "ok"
+        act, times = m.group(1), m.group(2)
+        return act if times is None or nth <= int(times) else "ok"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, like real servers
+    disable_nagle_algorithm = True  # headers and body go out in two writes: without this, +40 ms (delayed ACK)
+    mock: MockChatServer
+
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+    def _send(self, status: int, body: bytes, headers: Optional[dict] = None) -> None:
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
+            self.close_connection = True
+
+    def _json(self, status: int, obj, headers: Optional[dict] = None) -> None:
+        self._send(status, json.dumps(obj).encode("utf-8"), headers)
+
+    def _authorized(self) -> bool:
+        auth = self.headers.get("Authorization")
+        with self.mock.lock:
+            self.mock.auth_headers.add(auth)
+        if self.mock.api_key and auth != f"Bearer {self.mock.api_key}":
+            self._json(401, {"error": {"message": "invalid api key"}})
+            return False
+        return True
+
+    def do_GET(self) -> None:
+        if not self._authorized():
+            return
+        if self.path.rstrip("/").endswith("/models"):
+            self._json(200, {"object": "list", "data": [{"id": self.mock.model, "object": "model"}]})
+        else:
+            self._json(404, {"error": {"message": f"no route {self.path}"}})
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if not self._authorized():
+            return
+        if not self.path.endswith("/chat/completions"):
+            self._json(404, {"error": {"message": f"no route {self.path}"}})
+            return
+        try:
+            req = json.loads(body)
+            content = [m["content"] for m in req["messages"] if m["role"] == "user"][-1]
+        except (ValueError, KeyError, IndexError, TypeError):
+            self._json(400, {"error": {"message": "bad request body"}})
+            return
+        if req.get("model") != self.mock.model:
+            self._json(404, {"error": {"message": f"The model `{req.get('model')}` does not exist."}})
+            return
+        act = self.mock.action(content)
+        if self.mock.delay:
+            time.sleep(self.mock.delay)
+        status = 200
+        answer = mock_answer(content)
+        if act in ("500", "503"):
+            status = int(act)
+            self._json(status, {"error": {"message": "internal error"}})
+        elif act == "429":
+            status = 429
+            self._json(429, {"error": {"message": "rate limited"}}, {"Retry-After": "0"})
+        elif act == "400":
+            status = 400
+            self._json(400, {"error": {"message": f"bad request; headers were Authorization: "
+                                                  f"{self.headers.get('Authorization')}"}})
+        elif act == "drop":
+            status = 0
+            self.close_connection = True
+        elif act == "badjson":
+            self._send(200, b'{"id": "x", "choices": [{"message": {"content": "A tru')
+        elif act == "nochoices":
+            self._json(200, {"id": "x", "object": "chat.completion"})
+        else:
+            if act == "hang":
+                time.sleep(self.mock.hang_seconds)
+            elif act == "refuse":
+                answer = "I'm sorry, but I can't help with describing this image."
+            elif act == "empty":
+                answer = ""
+            elif act == "echo":
+                answer = content
+            elif act == "prefix":
+                answer = f'Here is the description: "{answer}"'
+            elif act == "long":
+                answer = " ".join(["a bright red kite over the green field"] * 40) + "."
+            self._json(200, {"id": "chatcmpl-mock", "object": "chat.completion", "model": self.mock.model,
+                             "choices": [{"index": 0, "finish_reason": "stop",
+                                          "message": {"role": "assistant", "content": answer}}],
+                             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+        with self.mock.lock:
+            self.mock.log.append((time.monotonic(), content, act, status))
+
+
+if __name__ == "__main__":  # python -m rwkv_clip.describe.testing  -> a mock server for trying the CLI
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--delay", type=float, default=0.0)
+    a = ap.parse_args()
+    with MockChatServer(delay=a.delay) as s:
+        print(f"mock server at {s.url} (Ctrl-C to stop)", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
