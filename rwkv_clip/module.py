@@ -9,6 +9,7 @@ YAML with ``class_path``/``init_args`` (see ``configs/``).
 """
 
 import math
+import re
 import time
 from typing import Literal, Optional
 
@@ -26,9 +27,12 @@ from rwkv_clip.loss import (
     siglip_loss,
 )
 
-# Parameters whose names contain one of these get no weight decay (DESIGN §4, fix): RWKV's mixing
-# coefficients, decay and bonus (time_*), position embeddings and learned tokens, and the loss temperature.
-NO_DECAY_NAME_PARTS = ("time_", "pos_embed", "positional_embedding", "cls_token", "reg_token", "logit_scale", "logit_bias")
+# Parameters whose names match get no weight decay (DESIGN §4, fix): RWKV's mixing coefficients, decay and
+# bonus (time_maa_x, time_decay, time_faaaa, ...; but not the low-rank matrices time_*_w1/_w2, which are
+# ordinary weights), position embeddings and learned tokens, and the loss temperature and bias.
+NO_DECAY_PATTERN = re.compile(
+    r"(^|\.)time_(?!\w*_w[12]$)\w+$|pos_embed|positional_embedding|cls_token|reg_token|logit_scale|logit_bias"
+)
 
 
 class CLIPModule(L.LightningModule):
@@ -186,7 +190,7 @@ class CLIPModule(L.LightningModule):
         for name, param in self.named_parameters():
             if not param.requires_grad:
                 continue
-            spared = param.ndim < 2 or id(param) in no_decay_ids or any(part in name for part in NO_DECAY_NAME_PARTS)
+            spared = param.ndim < 2 or id(param) in no_decay_ids or NO_DECAY_PATTERN.search(name) is not None
             (no_decay if spared else decay).append(param)
         return [
             {"params": decay, "weight_decay": self.weight_decay},

@@ -180,3 +180,22 @@ def test_checkpoint_round_trip_through_load_model(tmp_path):
             assert torch.equal(a, b)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         load_model(tmp_path / "missing.ckpt")
+
+
+def test_weight_decay_groups_of_the_rwkv_towers():
+    from rwkv_clip.backbones import TextRWKV, VisionRWKV
+
+    model = CLIPModule(
+        VisionRWKV(img_size=32, patch_size=8, width=32, depth=2, head_size=16, drop_path_rate=0.0),
+        TextRWKV(vocab_size=50, context_length=16, width=32, depth=2, head_size=16, ffn_hidden=64),
+    )
+    decay, no_decay = model.parameter_groups()
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    spared = {names[id(p)] for p in no_decay["params"]}
+    for part in ("time_maa_x", "time_maa_w", "time_decay", "time_faaaa", "ffn.time_maa_k", "ln_x.weight", "pos_embed"):
+        assert any(n.endswith(part) for n in spared), part
+        assert not any(n.endswith(part) for n in decayed), part
+    for part in ("time_maa_w1", "time_maa_w2", "time_decay_w1", "time_decay_w2", "att.key.weight", "ffn.value.weight"):
+        assert any(n.endswith(part) for n in decayed), part
+    assert "text_encoder.emb.weight" in decayed and "image_encoder.patch_embed.weight" in decayed
