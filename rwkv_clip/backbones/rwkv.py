@@ -385,13 +385,17 @@ class TextRWKV(nn.Module):
         if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
             raise ValueError(f"token ids must lie in [0, vocab_size={self.vocab_size}), got "
                              f"[{tokens.min().item()}, {tokens.max().item()}]: tokenizer and vocab_size disagree")
-        x = self.emb(tokens)
-
         if self.pooling == "published":
-            x = _run_blocks(self, x, lambda t: b_shift(t, self.head_size))
+            x = _run_blocks(self, self.emb(tokens), lambda t: b_shift(t, self.head_size))
             return F.normalize(self.ln_out(x), dim=-1).mean(dim=1)
 
-        real = padding_mask(tokens, self.pad_id).unsqueeze(-1).to(x.dtype)  # (B, T, 1), 1 = real token
+        real = padding_mask(tokens, self.pad_id)
+        # Padding changes nothing, so the columns that are padding in every row can be dropped: captions are
+        # mostly far shorter than the context, and the cost is linear in the length.
+        longest = max(int(real.sum(dim=1).max()), 1)
+        tokens, real = tokens[:, :longest], real[:, :longest]
+        x = self.emb(tokens)
+        real = real.unsqueeze(-1).to(x.dtype)  # (B, T, 1), 1 = real token
         # Zeroing pads before each shift makes the last real token see the same zeros as at the end of an
         # unpadded caption; zero keys keep the backward scan from carrying anything out of the pads.
         x = _run_blocks(self, x, lambda t: b_shift(t * real.to(t.dtype), self.head_size), real)
