@@ -1,0 +1,320 @@
+"""RWKV vs Transformer towers: forward+backward time and peak memory as the token count grows.
+
+    python benchmarks/bench_backbones.py                     # image + text, default size (see --help)
+    python benchmarks/bench_backbones.py --only image --sizes 224/32,1024/16 --repeats 2
+    python benchmarks/bench_backbones.py --params configs/ablations/*.yaml   # parameter count of each config
+
+Image towers (VisionRWKV vs TimmViT) at equal width and depth, at 224/32, 224/16, 448/16, 1024/16
+(T = 49, 196, 784, 4096 patches); text towers (TextRWKV vs TextTransformer) at context 77 and 256.
+Each family keeps its own published channel-MLP ratio (RWKV image 5x, text 3.5x; Transformer 4x), so the
+parameter counts are printed too. The batch shrinks as T grows (the batch sizes are printed), and time and
+memory are reported per sample.
+
+How time is measured: both towers of a pair are built in one subprocess and their forward+backward steps are
+interleaved (RWKV, ViT, ViT, RWKV, ...), so load from other jobs on shared cores hits both alike; the median
+per tower is reported. How memory is measured: every (tower, size) runs in a fresh subprocess (the allocator keeps freed memory, so
+reusing one process would hide later peaks). The subprocess builds the model and input, resets the kernel's
+peak-RSS counter (``echo 5 > /proc/self/clear_refs``), runs one forward+backward, and reads ``VmHWM`` from
+``/proc/self/status``. "act MiB/sample" = (peak RSS - RSS before the step - the parameter gradients) / batch,
+i.e. the activation memory that autograd keeps. "Linear in T" is judged by the log-log slope of that figure
+between the two largest sizes (<= 1.15 passes; attention that stored the T x T scores would give ~2).
+
+Targets (DESIGN / issue 6): the RWKV image tower takes <= 1.2x the ViT's time at 224/32, is faster than the
+ViT from T = 1024 on (here: 1024/16, T = 4096; 448/16 has T = 784 and is reported but not judged), and its
+peak memory grows linearly in T. The RWKV towers' speed depends on the Bi-WKV backend that
+``rwkv_clip.ops.bi_wkv(backend="auto")`` picks; the script prints which one it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+DEFAULT_SIZES = "224/32,224/16,448/16,1024/16"
+# Batch per token count: big enough that small T is not all overhead, 1 at T=4096 so it fits in time.
+DEFAULT_BATCH = {49: 8, 196: 4, 784: 2, 4096: 1}
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _build_tower(spec: dict, family: str):
+    """One tower of ``spec``'s kind and size, in train mode, with its random input batch."""
+    import torch
+
+    B, w, d = spec["batch"], spec["width"], spec["depth"]
+    heads = w // spec["head_size"]
+    if spec["kind"] == "image":
+        res, patch = spec["res"], spec["patch"]
+        if family == "rwkv":
+            from rwkv_clip.backbones.rwkv import VisionRWKV
+
+            model = VisionRWKV(img_size=res, patch_size=patch, width=w, depth=d, head_size=spec["head_size"],
+                               drop_path_rate=0.0)
+        else:
+            from rwkv_clip.backbones.vit import TimmViT
+
+            model = TimmViT("vit_small_patch16_224", img_size=res, patch_size=patch, embed_dim=w, depth=d,
+                            num_heads=heads, dynamic_img_size=False)
+        x = torch.randn(B, 3, res, res)
+    else:
+        L, vocab = spec["context"], 49408
+        if family == "rwkv":
+            from rwkv_clip.backbones.rwkv import TextRWKV
+
+            model = TextRWKV(vocab_size=vocab, context_length=L, width=w, depth=d, head_size=spec["head_size"],
+                             ffn_hidden=int(3.5 * w))
+        else:
+            from rwkv_clip.backbones.transformer import TextTransformer
+
+            model = TextTransformer(vocab_size=vocab, context_length=L, width=w, layers=d, heads=heads)
+        x = torch.randint(1, vocab, (B, L))  # full-length captions: no padding, every position costs
+    return model.train(), x
+
+
+def _step(model, x) -> None:
+    model.zero_grad(set_to_none=True)
+    model(x).float().square().mean().backward()
+
+
+def worker(spec: dict) -> dict:
+    """Runs in its own process. mode "mem": one tower's peak memory over its first forward+backward.
+    mode "time": both towers built side by side and their steps interleaved, so a change in the machine's
+    load (these cores are shared) hits both alike; the median step time of each."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    if spec["mode"] == "mem":
+        family = spec["family"]
+        model, x = _build_tower(spec, family)
+        n_params = sum(p.numel() for p in model.parameters())
+        grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        rss_before = _rss_kib("VmRSS")
+        exact_peak = _reset_peak()
+        _step(model, x)
+        peak = _rss_kib("VmHWM")
+        act = max(peak - rss_before - grad_bytes / 1024, 0) / 1024  # MiB
+        return dict(params=n_params, peak_mib=(peak - rss_before) / 1024, act_mib_per_sample=act / spec["batch"],
+                    exact_peak=exact_peak, backend=_wkv_backend() if family == "rwkv" else None)
+    towers = {f: _build_tower(spec, f) for f in spec["families"]}
+    for model, x in towers.values():
+        _step(model, x)  # warm-up (one-time allocations, kernel loading)
+    times = {f: [] for f in towers}
+    for i in range(spec["repeats"]):
+        order = list(towers) if i % 2 == 0 else list(towers)[::-1]
+        for f in order:
+            t0 = time.perf_counter()
+            _step(*towers[f])
+            times[f].append(time.perf_counter() - t0)
+    return {f: statistics.median(t) for f, t in times.items()}
+
+
+def measure(spec: dict, families: list[str], timeout: float) -> dict:
+    """{family: result} with time_s, params, peak_mib, act_mib_per_sample, ... or {"error": ...}."""
+    out = {f: run_spec({**spec, "mode": "mem", "family": f}, timeout) for f in families}
+    t = run_spec({**spec, "mode": "time", "families": families}, timeout)
+    for f in families:
+        if "error" in t and "error" not in out[f]:
+            out[f]["error"] = t["error"]
+        elif "error" not in out[f]:
+            out[f]["time_s"] = t[f]
+        out[f]["spec"] = {**spec, "family": f}
+    return out
+
+
+def _wkv_backend() -> str:
+    """What bi_wkv(backend="auto") runs on CPU: the C++ kernel if it builds/loads, else the slow reference."""
+    try:
+        from rwkv_clip.ops.bi_wkv._build import get_extension
+
+        get_extension("cpu")
+        return "cpu (C++ kernel)"
+    except Exception as e:  # noqa: BLE001 - any failure means "auto" falls back to the reference
+        return f"reference (C++ kernel unavailable: {type(e).__name__})"
+
+
+def run_spec(spec: dict, timeout: float) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", json.dumps(spec)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return dict(spec=spec, error=f"timed out after {timeout:.0f}s")
+    if out.returncode != 0:
+        return dict(spec=spec, error=(out.stderr.strip().splitlines() or ["?"])[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _build(node):
+    """Instantiate a ``class_path`` / ``init_args`` YAML node (recursively), as LightningCLI would."""
+    import importlib
+
+    if isinstance(node, dict) and "class_path" in node:
+        module, _, name = node["class_path"].rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+        return cls(**{k: _build(v) for k, v in (node.get("init_args") or {}).items()})
+    return node
+
+
+def count_params(configs: list[str]) -> int:
+    """Print image / text / projection / total parameters of the model in each YAML config."""
+    import torch
+    import yaml
+
+    sys.path.insert(0, str(ROOT))
+    print(f"{'config':<45} {'image':>8} {'text':>8} {'proj+scale':>10} {'total':>8}  (millions)")
+    for path in configs:
+        cfg = yaml.safe_load(Path(path).read_text())
+        with torch.device("meta"):  # shapes only: no memory, no (slow) weight init
+            model = _build(cfg["model"])
+        n = lambda m: sum(p.numel() for p in m.parameters()) / 1e6  # noqa: E731
+        img, txt, tot = n(model.image_encoder), n(model.text_encoder), n(model)
+        print(f"{path:<45} {img:>8.2f} {txt:>8.2f} {tot - img - txt:>10.3f} {tot:>8.2f}")
+    return 0
+
+
+def loglog_slope(t1: float, m1: float, t2: float, m2: float) -> float:
+    return math.log(m2 / m1) / math.log(t2 / t1) if m1 > 0 and m2 > 0 else float("nan")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", choices=["image", "text", "all"], default="all")
+    p.add_argument("--width", type=int, default=384, help="channels of every tower (default 384, ViT-S)")
+    p.add_argument("--depth", type=int, default=6, help="blocks of every tower (default 6)")
+    p.add_argument("--head-size", type=int, default=64, help="channels per head, RWKV and attention alike")
+    p.add_argument("--sizes", default=DEFAULT_SIZES, help="image resolution/patch pairs")
+    p.add_argument("--contexts", default="77,256", help="text context lengths")
+    p.add_argument("--text-batch", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=3, help="timed steps after the first (median reported)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per measurement")
+    p.add_argument("--json", help="also write the raw results here")
+    p.add_argument("--params", nargs="+", metavar="CONFIG", help="only print each YAML config's parameter count")
+    p.add_argument("--_worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.params:
+        return count_params(args.params)
+    if args._worker:
+        print(json.dumps(worker(json.loads(args._worker))))
+        return 0
+
+    base = dict(width=args.width, depth=args.depth, head_size=args.head_size, threads=args.threads,
+                repeats=args.repeats)
+    results, ok, judged = [], True, 0
+    print(f"towers: width {args.width}, depth {args.depth}, heads of {args.head_size}; {args.threads} threads; "
+          f"fwd+bwd, median of {args.repeats} interleaved steps after one warm-up step")
+
+    if args.only in ("image", "all"):
+        sizes = []
+        for s in args.sizes.split(","):
+            res, patch = (int(v) for v in s.split("/"))
+            T = (res // patch) ** 2
+            sizes.append((res, patch, T, DEFAULT_BATCH.get(T, max(1, 4096 // T // 8))))
+        print("\nimage towers (per sample; ratio = RWKV / ViT)")
+        print(f"{'size':>8} {'T':>5} {'B':>2} | {'RWKV ms':>9} {'ViT ms':>9} {'ratio':>6} | "
+              f"{'RWKV act MiB':>12} {'ViT act MiB':>11} {'ratio':>6}")
+        rows = {}
+        for res, patch, T, B in sizes:
+            pair = measure({**base, "kind": "image", "res": res, "patch": patch, "batch": B}, ["rwkv", "vit"],
+                           args.timeout)
+            results.extend(pair.values())
+            rows[T] = pair
+            if "error" in pair["rwkv"] or "error" in pair["vit"]:
+                print(f"{res:>4}/{patch:<3} {T:>5} {B:>2} | error: "
+                      f"{pair['rwkv'].get('error', '')} {pair['vit'].get('error', '')}")
+                continue
+            tr, tv = (pair[f]["time_s"] / B * 1e3 for f in ("rwkv", "vit"))
+            mr, mv = (pair[f]["act_mib_per_sample"] for f in ("rwkv", "vit"))
+            print(f"{res:>4}/{patch:<3} {T:>5} {B:>2} | {tr:>9.1f} {tv:>9.1f} {tr / tv:>6.2f} | "
+                  f"{mr:>12.1f} {mv:>11.1f} {mr / mv if mv else float('nan'):>6.2f}")
+        good = {T: p for T, p in rows.items() if "error" not in p["rwkv"] and "error" not in p["vit"]}
+        any_r = next(iter(good.values()), None)
+        if any_r:
+            print(f"params: VisionRWKV {any_r['rwkv']['params'] / 1e6:.1f}M, ViT {any_r['vit']['params'] / 1e6:.1f}M "
+                  f"(at the last size measured); Bi-WKV backend: {any_r['rwkv']['backend']}")
+        print("targets:")
+        if 49 in good:
+            ratio = good[49]["rwkv"]["time_s"] / good[49]["vit"]["time_s"]
+            passed = ratio <= 1.2
+            ok &= passed
+            judged += 1
+            print(f"  {'PASS' if passed else 'FAIL'}  224/32 (T=49): RWKV / ViT time = {ratio:.2f} (target <= 1.2)")
+        big = [T for T in good if T >= 1024]
+        for T in big:
+            ratio = (good[T]["rwkv"]["time_s"] / good[T]["rwkv"]["spec"]["batch"]) / (
+                good[T]["vit"]["time_s"] / good[T]["vit"]["spec"]["batch"])
+            passed = ratio < 1.0
+            ok &= passed
+            judged += 1
+            print(f"  {'PASS' if passed else 'FAIL'}  T={T}: RWKV / ViT time = {ratio:.2f} (target < 1, faster from T=1024)")
+        if len(good) >= 2:
+            Ts = sorted(good)
+            t1, t2 = Ts[-2], Ts[-1]
+            for fam, name in (("rwkv", "RWKV"), ("vit", "ViT")):
+                s = loglog_slope(t1, good[t1][fam]["act_mib_per_sample"], t2, good[t2][fam]["act_mib_per_sample"])
+                verdict = ("PASS" if s <= 1.15 else "FAIL") if fam == "rwkv" else "info"
+                if fam == "rwkv":
+                    ok &= s <= 1.15
+                    judged += 1
+                print(f"  {verdict}  {name} activation memory ~ T^{s:.2f} between T={t1} and T={t2} "
+                      f"(target: linear, exponent <= 1.15)")
+        if not any_r or not all(r.get("exact_peak", False) for p_ in good.values() for r in p_.values()):
+            print("  note: /proc/self/clear_refs unavailable or a size failed; peaks may be inexact")
+
+    if args.only in ("text", "all"):
+        print(f"\ntext towers (batch {args.text_batch}, per sample; ratio = RWKV / Transformer)")
+        print(f"{'context':>7} | {'RWKV ms':>9} {'Trf ms':>9} {'ratio':>6} | {'RWKV act MiB':>12} {'Trf act MiB':>11} {'ratio':>6}")
+        for L in (int(v) for v in args.contexts.split(",")):
+            pair = measure({**base, "kind": "text", "context": L, "batch": args.text_batch}, ["rwkv", "transformer"],
+                           args.timeout)
+            results.extend(pair.values())
+            if "error" in pair["rwkv"] or "error" in pair["transformer"]:
+                print(f"{L:>7} | error: {pair['rwkv'].get('error', '')} {pair['transformer'].get('error', '')}")
+                continue
+            B = args.text_batch
+            tr, tt = (pair[f]["time_s"] / B * 1e3 for f in ("rwkv", "transformer"))
+            mr, mt = (pair[f]["act_mib_per_sample"] for f in ("rwkv", "transformer"))
+            print(f"{L:>7} | {tr:>9.1f} {tt:>9.1f} {tr / tt:>6.2f} | {mr:>12.1f} {mt:>11.1f} "
+                  f"{mr / mt if mt else float('nan'):>6.2f}")
+        last = [r for r in results if r["spec"]["kind"] == "text" and "error" not in r]
+        if last:
+            pr = {r["spec"]["family"]: r["params"] for r in last}
+            print(f"params: TextRWKV {pr.get('rwkv', 0) / 1e6:.1f}M, TextTransformer {pr.get('transformer', 0) / 1e6:.1f}M "
+                  f"(at the last context; both include the 49408-token embedding)")
+
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    errors = [r for r in results if "error" in r]
+    if errors:
+        print(f"\n{len(errors)} measurement(s) failed; first: {errors[0]['error']}")
+    verdict = ("PASS" if ok else "FAIL") if judged else "no target judged at these sizes"
+    print(f"\noverall: {verdict if not errors else 'FAIL'} ({judged} target(s) judged)")
+    return 0 if ok and not errors else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
