@@ -19,6 +19,12 @@ peak-RSS counter (``echo 5 > /proc/self/clear_refs``), runs one forward+backward
 i.e. the activation memory that autograd keeps. "Linear in T" is judged by the log-log slope of that figure
 between the two largest sizes (<= 1.15 passes; attention that stored the T x T scores would give ~2).
 
+Why the times differ (printed under the 224/32 target): each tower's GEMM+conv FLOPs (torch's
+FlopCounterMode) and the profiler's split of its step into GEMMs, the patch conv, the token mixer (Bi-WKV scan or
+attention kernel) and everything else. Then the same pair at the ablation configs' sizes, parameter-matched
+(VisionRWKV 640x12 of rwkv_rwkv.yaml against ViT-B/32 of vit_transformer.yaml, 224/32, batch 8; skip it with
+``--no-matched``): that is what swapping ``class_path`` in YAML costs.
+
 Targets (DESIGN / issue 6): the RWKV image tower takes <= 1.2x the ViT's time at 224/32, is faster than the
 ViT from T = 1024 on (here: 1024/16, T = 4096; 448/16 has T = 784 and is reported but not judged), and its
 peak memory grows linearly in T. The RWKV towers' speed depends on the Bi-WKV backend that
@@ -63,7 +69,14 @@ def _build_tower(spec: dict, family: str):
     """One tower of ``spec``'s kind and size, in train mode, with its random input batch."""
     import torch
 
-    B, w, d = spec["batch"], spec["width"], spec["depth"]
+    B = spec["batch"]
+    if spec["kind"] == "config":  # the image tower of an ablation config, without stochastic depth
+        import yaml
+
+        node = yaml.safe_load((ROOT / spec["configs"][family]).read_text())["model"]["init_args"]["image_encoder"]
+        node.setdefault("init_args", {})["drop_path_rate"] = 0.0
+        return _build(node).train(), torch.randn(B, 3, spec["res"], spec["res"])
+    w, d = spec["width"], spec["depth"]
     heads = w // spec["head_size"]
     if spec["kind"] == "image":
         res, patch = spec["res"], spec["patch"]
@@ -129,7 +142,42 @@ def worker(spec: dict) -> dict:
             t0 = time.perf_counter()
             _step(*towers[f])
             times[f].append(time.perf_counter() - t0)
-    return {f: statistics.median(t) for f, t in times.items()}
+    out = {f: statistics.median(t) for f, t in times.items()}
+    if spec.get("explain"):
+        out["explain"] = {f: explain(*towers[f], out[f]) for f in towers}
+    return out
+
+
+# Self-CPU time of these profiler events is what the towers' linear layers, patch conv and token mixers cost.
+_GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm"}
+
+
+def _category(name: str) -> str:
+    if name in _GEMM_OPS:
+        return "gemm"
+    if "convolution" in name:
+        return "conv"
+    if "BiWKV" in name or "scaled_dot_product" in name:
+        return "mixer"  # the Bi-WKV scan (forward and backward) or the attention kernel
+    return "other"
+
+
+def explain(model, x, step_s: float) -> dict:
+    """Where one forward+backward step goes: GEMM/conv FLOPs (torch's FlopCounterMode; attention scores
+    and the Bi-WKV scan are not counted) and the profiler's self-CPU time split, scaled to the step time."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        _step(model, x)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(2):
+            _step(model, x)
+    split = dict.fromkeys(("gemm", "conv", "mixer", "other"), 0.0)
+    for evt in prof.key_averages():
+        split[_category(evt.key)] += evt.self_cpu_time_total
+    total = sum(split.values()) or 1.0
+    return dict(gflop=counter.get_total_flops() / 1e9, **{k: v / total * step_s for k, v in split.items()})
 
 
 def measure(spec: dict, families: list[str], timeout: float) -> dict:
@@ -141,6 +189,8 @@ def measure(spec: dict, families: list[str], timeout: float) -> dict:
             out[f]["error"] = t["error"]
         elif "error" not in out[f]:
             out[f]["time_s"] = t[f]
+            if "explain" in t:
+                out[f]["explain"] = t["explain"][f]
         out[f]["spec"] = {**spec, "family": f}
     return out
 
@@ -196,6 +246,23 @@ def count_params(configs: list[str]) -> int:
     return 0
 
 
+def print_explain(pair: dict, families: tuple, names: tuple) -> None:
+    """Why the times differ: linear-layer FLOPs and where each tower's step goes (see ``explain``)."""
+    if not all("explain" in pair[f] for f in families):
+        return
+    ex = [pair[f]["explain"] for f in families]
+    B = pair[families[0]]["spec"]["batch"]
+    print(f"        why, per sample:{'':<20}{names[0]:>8} {names[1]:>8}  ratio")
+    rows = [("GEMM+conv GFLOP (fwd+bwd)", "gflop", 1.0), ("time in GEMMs, ms", "gemm", 1e3),
+            ("time in the patch conv, ms", "conv", 1e3), ("time in Bi-WKV / attention, ms", "mixer", 1e3),
+            ("time in everything else, ms", "other", 1e3)]
+    for label, key, scale in rows:
+        a, b = (e[key] * scale / B for e in ex)
+        print(f"          {label:<34}{a:>8.1f} {b:>8.1f}  {a / b if b else float('nan'):5.2f}")
+    floor = (ex[0]["gemm"] + ex[0]["conv"] + ex[0]["mixer"]) / pair[families[1]]["time_s"]
+    print(f"          {names[0]}'s GEMMs + conv + Bi-WKV alone take {floor:.2f}x the {names[1]}'s whole step")
+
+
 def loglog_slope(t1: float, m1: float, t2: float, m2: float) -> float:
     return math.log(m2 / m1) / math.log(t2 / t1) if m1 > 0 and m2 > 0 else float("nan")
 
@@ -212,6 +279,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed steps after the first (median reported)")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--timeout", type=float, default=900, help="seconds per measurement")
+    p.add_argument("--no-matched", dest="matched", action="store_false",
+                   help="skip the parameter-matched towers of the ablation configs (B/32 size, 224/32)")
     p.add_argument("--json", help="also write the raw results here")
     p.add_argument("--params", nargs="+", metavar="CONFIG", help="only print each YAML config's parameter count")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
@@ -239,8 +308,8 @@ def main(argv=None) -> int:
               f"{'RWKV act MiB':>12} {'ViT act MiB':>11} {'ratio':>6}")
         rows = {}
         for res, patch, T, B in sizes:
-            pair = measure({**base, "kind": "image", "res": res, "patch": patch, "batch": B}, ["rwkv", "vit"],
-                           args.timeout)
+            pair = measure({**base, "kind": "image", "res": res, "patch": patch, "batch": B, "explain": T == 49},
+                           ["rwkv", "vit"], args.timeout)
             results.extend(pair.values())
             rows[T] = pair
             if "error" in pair["rwkv"] or "error" in pair["vit"]:
@@ -263,6 +332,7 @@ def main(argv=None) -> int:
             ok &= passed
             judged += 1
             print(f"  {'PASS' if passed else 'FAIL'}  224/32 (T=49): RWKV / ViT time = {ratio:.2f} (target <= 1.2)")
+            print_explain(good[49], ("rwkv", "vit"), ("RWKV", "ViT"))
         big = [T for T in good if T >= 1024]
         for T in big:
             ratio = (good[T]["rwkv"]["time_s"] / good[T]["rwkv"]["spec"]["batch"]) / (
@@ -284,6 +354,22 @@ def main(argv=None) -> int:
                       f"(target: linear, exponent <= 1.15)")
         if not any_r or not all(r.get("exact_peak", False) for p_ in good.values() for r in p_.values()):
             print("  note: /proc/self/clear_refs unavailable or a size failed; peaks may be inexact")
+
+        if args.matched:
+            # What swapping the image tower in YAML costs: the ablation configs' towers, parameter-matched.
+            configs = {"rwkv": "configs/ablations/rwkv_rwkv.yaml", "vit": "configs/ablations/vit_transformer.yaml"}
+            pair = measure({**base, "kind": "config", "configs": configs, "res": 224, "batch": 8, "explain": True},
+                           ["rwkv", "vit"], args.timeout)
+            results.extend(pair.values())
+            print(f"\nparameter-matched image towers of the ablation configs, 224/32, batch 8 (no stochastic depth)")
+            if "error" in pair["rwkv"] or "error" in pair["vit"]:
+                print(f"  error: {pair['rwkv'].get('error', '')} {pair['vit'].get('error', '')}")
+            else:
+                for f, name in (("rwkv", "VisionRWKV 640x12, 5x (rwkv_rwkv.yaml)"), ("vit", "ViT-B/32 (vit_transformer.yaml)")):
+                    print(f"  {name:<40} {pair[f]['params'] / 1e6:6.1f}M params "
+                          f"{pair[f]['time_s'] / 8 * 1e3:7.1f} ms/sample {pair[f]['act_mib_per_sample']:6.1f} act MiB/sample")
+                print(f"  RWKV / ViT time = {pair['rwkv']['time_s'] / pair['vit']['time_s']:.2f} (info, not a target)")
+                print_explain(pair, ("rwkv", "vit"), ("RWKV", "ViT"))
 
     if args.only in ("text", "all"):
         print(f"\ntext towers (batch {args.text_batch}, per sample; ratio = RWKV / Transformer)")

@@ -35,6 +35,16 @@ NO_DECAY_PATTERN = re.compile(
 )
 
 
+def _rng_state(device: torch.device):
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(state, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
 class CLIPModule(L.LightningModule):
     """Contrastive image-text training.
 
@@ -52,6 +62,12 @@ class CLIPModule(L.LightningModule):
         warmup: share of the optimizer steps spent in linear warm-up (0.1 = 10%), followed by a cosine decay.
         min_lr_ratio: the cosine decays to ``lr · min_lr_ratio``.
         max_logit_scale: the logit scale is clamped to ``log(max_logit_scale)`` after every optimizer step.
+        micro_batch_size: encode each training batch in chunks of this many samples with cached features
+            (DESIGN §5): every sample still has the whole batch (of every rank) as negatives, and the gradients
+            are those of the whole batch, while the activation memory is that of one chunk. This is how to train
+            with a larger contrastive batch than fits in memory: raise ``data.batch_size`` and set this. ``None``
+            encodes the batch at once. (``trainer.accumulate_grad_batches`` would shrink the negatives to each
+            accumulated batch, so it is refused.)
     """
 
     def __init__(
@@ -67,6 +83,7 @@ class CLIPModule(L.LightningModule):
         warmup: float = 0.1,
         min_lr_ratio: float = 0.0,
         max_logit_scale: float = 100.0,
+        micro_batch_size: Optional[int] = None,
     ):
         super().__init__()
         for name, encoder in (("image_encoder", image_encoder), ("text_encoder", text_encoder)):
@@ -86,6 +103,8 @@ class CLIPModule(L.LightningModule):
             raise ValueError(f"warmup is the share of steps spent warming up, in [0, 1); got {warmup}")
         if loss not in ("infonce", "siglip"):
             raise ValueError(f"loss must be 'infonce' or 'siglip', got {loss!r}")
+        if micro_batch_size is not None and micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be a positive integer or null, got {micro_batch_size}")
 
         # Under LightningCLI the towers' class_path/init_args land in the hyperparameters as plain data, which
         # is what lets `load_model` rebuild the model from a checkpoint loaded with weights_only=True. Towers
@@ -108,6 +127,8 @@ class CLIPModule(L.LightningModule):
         self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, tuple(betas), eps
         self.warmup, self.min_lr_ratio = warmup, min_lr_ratio
         self.max_log_logit_scale = math.log(max_logit_scale)
+        self.micro_batch_size = micro_batch_size
+        self._grads_zeroed_in_step = False
         self._last_step_time: Optional[float] = None
 
     # ----------------------------------------------------------------------------------------- inference
@@ -150,8 +171,10 @@ class CLIPModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         images, tokens = self._check_batch(batch)
-        image_features, text_features = self(images, tokens)
-        loss = self.contrastive_loss(image_features, text_features, sync_grads=True)
+        if self.micro_batch_size is not None and images.shape[0] > self.micro_batch_size:
+            loss = self._cached_feature_loss(images, tokens)
+        else:
+            loss = self.contrastive_loss(*self(images, tokens), sync_grads=True)
 
         now = time.perf_counter()
         if self._last_step_time is not None:
@@ -163,6 +186,61 @@ class CLIPModule(L.LightningModule):
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, batch_size=images.shape[0])
         return loss
 
+    def _cached_feature_loss(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The batch's loss, encoded in chunks of ``micro_batch_size`` with cached features (GradCache).
+
+        1. Encode every chunk without grad, noting the RNG state before each (drop path must replay).
+        2. The loss on all the cached features gives the gradient of the loss wrt every feature.
+        3. Encode each chunk again, with grad and its RNG state, and backpropagate its rows of that gradient.
+
+        The parameter gradients then equal those of encoding the whole batch at once. All chunks but the last
+        are backpropagated here, inside the step: Lightning (and DDP) do not expect gradients yet, so DDP only
+        accumulates them locally, as under ``no_sync``. The last chunk's backward is folded into the returned
+        loss, so Lightning's own backward, and DDP's all-reduce of the accumulated gradients, run as usual.
+        """
+        if self._trainer is not None and self.trainer.precision == "16-mixed":  # the chunks backpropagated here would miss the loss scaling
+            raise ValueError("model.micro_batch_size does not support trainer.precision=16-mixed (fp16 loss "
+                             "scaling); use bf16-mixed or 32-true")
+        chunks = list(zip(images.split(self.micro_batch_size), tokens.split(self.micro_batch_size)))
+        device = images.device
+        # Lightning zeroes the gradients between training_step and its backward, which would drop the chunks
+        # backpropagated here: zero them now instead, and skip that one zero_grad (see optimizer_zero_grad).
+        self.zero_grad(set_to_none=True)
+        self._grads_zeroed_in_step = True
+        rng_states, image_parts, text_parts = [], [], []
+        with torch.no_grad():
+            for chunk_images, chunk_tokens in chunks:
+                rng_states.append(_rng_state(device))
+                image_part, text_part = self(chunk_images, chunk_tokens)
+                image_parts.append(image_part)
+                text_parts.append(text_part)
+        image_features = torch.cat(image_parts).requires_grad_()
+        text_features = torch.cat(text_parts).requires_grad_()
+        loss = self.contrastive_loss(image_features, text_features, sync_grads=True)
+        # retain_graph: Lightning backpropagates `loss` once more below, for the logit scale (and bias).
+        grad_image, grad_text = torch.autograd.grad(loss, (image_features, text_features), retain_graph=True)
+
+        grads = zip(grad_image.split(self.micro_batch_size), grad_text.split(self.micro_batch_size))
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # RNG goes on as after 1.
+            for i, ((chunk_images, chunk_tokens), state, (gi, gt)) in enumerate(zip(chunks, rng_states, grads)):
+                _set_rng_state(state, device)
+                image_part, text_part = self(chunk_images, chunk_tokens)
+                surrogate = (image_part * gi).sum() + (text_part * gt).sum()  # its gradient is the chunk's share
+                if i < len(chunks) - 1:
+                    surrogate.backward()
+        # Value: the loss. Gradient: the logit scale's through `loss`, the last chunk's through `surrogate`.
+        return loss + (surrogate - surrogate.detach())
+
+    def on_fit_start(self):
+        if self.trainer.accumulate_grad_batches > 1:
+            raise ValueError(
+                f"trainer.accumulate_grad_batches={self.trainer.accumulate_grad_batches} would give each "
+                "accumulated batch only its own negatives, which changes what a contrastive loss learns. Set "
+                "data.batch_size to the whole batch instead, and model.micro_batch_size to what fits in memory: "
+                "the batch is then encoded in chunks with cached features, every sample keeps the whole batch as "
+                "negatives, and the gradients are exact."
+            )
+
     def on_train_epoch_start(self):
         self._last_step_time = None  # the gap across an epoch boundary (evaluation) is not training throughput
 
@@ -172,6 +250,12 @@ class CLIPModule(L.LightningModule):
         loss = self.contrastive_loss(image_features, text_features, sync_grads=False)
         self.log("val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=images.shape[0])
         return loss
+
+    def optimizer_zero_grad(self, epoch, batch_idx, optimizer):
+        if self._grads_zeroed_in_step:  # a micro-batched step has zeroed them and accumulated its chunks since
+            self._grads_zeroed_in_step = False
+            return
+        optimizer.zero_grad()
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
         optimizer.step(closure=optimizer_closure)

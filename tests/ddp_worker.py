@@ -2,6 +2,7 @@
 
 Rank r trains on rows [r·B, (r+1)·B) of a fixed batch, so the gathered batch is the concatenated one. Rank 0
 writes the per-rank losses and the DDP-reduced gradients to the output file for comparison with one process.
+An optional third argument sets CLIPModule's micro_batch_size (chunked encoding with cached features).
 """
 
 import sys
@@ -36,9 +37,10 @@ class HalfBatchModule(CLIPModule):
         return loss
 
 
-def main(out_path: str, loss: str) -> None:
+def main(out_path: str, loss: str, micro_batch_size: str = "none") -> None:
     torch.manual_seed(0)
-    model = HalfBatchModule(TinyImageTower(), TinyTextTower(), embed_dim=8, loss=loss)
+    micro = None if micro_batch_size == "none" else int(micro_batch_size)
+    model = HalfBatchModule(TinyImageTower(), TinyTextTower(), embed_dim=8, loss=loss, micro_batch_size=micro)
     capture = GradCapture()
     trainer = L.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_steps=1, use_distributed_sampler=False,
@@ -51,4 +53,4 @@ def main(out_path: str, loss: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from rwkv_clip import CLIPModule, load_model
@@ -143,12 +144,14 @@ def test_warmup_then_cosine_schedule():
     assert lrs[-1] == pytest.approx(1e-2 * 0.5 * (1 + math.cos(math.pi * 5 / 6)))
 
 
-@pytest.mark.parametrize("loss", ["infonce", "siglip"])
-def test_two_process_ddp_matches_one_process_on_the_concatenated_batch(tmp_path, loss):
+@pytest.mark.parametrize("loss,micro_batch_size", [("infonce", None), ("siglip", None), ("infonce", 3)],
+                         ids=["infonce", "siglip", "infonce-micro3"])
+def test_two_process_ddp_matches_one_process_on_the_concatenated_batch(tmp_path, loss, micro_batch_size):
+    """micro3: each rank encodes its 4 rows in chunks of 3 and 1 with cached features; still the same result."""
     out = tmp_path / "ddp.pt"
     env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run(
-        [sys.executable, str(TESTS / "ddp_worker.py"), str(out), loss],
+        [sys.executable, str(TESTS / "ddp_worker.py"), str(out), loss, str(micro_batch_size).lower()],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -162,6 +165,75 @@ def test_two_process_ddp_matches_one_process_on_the_concatenated_batch(tmp_path,
     assert not torch.allclose(result["rank_losses"][0], result["rank_losses"][1])  # each rank has its own rows
     for name, param in model.named_parameters():
         assert torch.allclose(result["grads"][name], param.grad, atol=1e-5, rtol=1e-4), name
+
+
+class GradCapture(L.Callback):
+    def __init__(self):
+        self.grads, self.losses = None, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(outputs["loss"].item())
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+
+
+def _one_step_grads(model, batch, **trainer_kwargs):
+    capture = GradCapture()
+    _fit(model, 1, batch, callbacks=[capture], **trainer_kwargs)
+    return capture
+
+
+@pytest.mark.parametrize("loss", ["infonce", "siglip"])
+@pytest.mark.parametrize("micro_batch_size", [1, 3, 8])
+def test_micro_batches_give_the_whole_batch_loss_and_gradients(loss, micro_batch_size):
+    batch = fixed_batch(8)
+    whole = _one_step_grads(make_model(loss=loss), batch)
+    chunked = _one_step_grads(make_model(loss=loss, micro_batch_size=micro_batch_size), batch)
+    assert chunked.losses[0] == pytest.approx(whole.losses[0], abs=1e-6)
+    assert set(chunked.grads) == set(whole.grads)
+    for name, grad in whole.grads.items():
+        assert torch.allclose(chunked.grads[name], grad, atol=1e-6, rtol=1e-5), name
+
+
+class DropTower(nn.Module):
+    """TinyImageTower with a strong dropout: the chunks' second pass must replay the first pass's masks."""
+
+    def __init__(self):
+        super().__init__()
+        self.tower = TinyImageTower()
+        self.width = self.tower.width
+
+    def forward(self, images):
+        return nn.functional.dropout(self.tower(images), p=0.5, training=self.training)
+
+
+def test_micro_batches_replay_the_random_state_of_each_chunk():
+    """Reference: the chunks encoded once, with grad, in order, so the dropout masks are drawn in the same
+    order as the cached pass; without replaying them, the recomputed chunks would get new masks."""
+    images, tokens = fixed_batch(8)
+    torch.manual_seed(0)
+    model = CLIPModule(DropTower(), TinyTextTower(), embed_dim=8, micro_batch_size=3)
+    reference = CLIPModule(DropTower(), TinyTextTower(), embed_dim=8)
+    reference.load_state_dict(model.state_dict())
+
+    torch.manual_seed(1)
+    parts = [reference(images[i:i + 3], tokens[i:i + 3]) for i in range(0, 8, 3)]
+    ref_loss = reference.contrastive_loss(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+    ref_loss.backward()
+    torch.manual_seed(1)
+    loss = model._cached_feature_loss(images, tokens)  # what training_step runs, here without a Trainer
+    loss.backward()
+    assert loss.item() == pytest.approx(ref_loss.item(), abs=1e-6)
+    for name, param in reference.named_parameters():
+        assert torch.allclose(model.get_parameter(name).grad, param.grad, atol=1e-6, rtol=1e-5), name
+
+
+def test_accumulate_grad_batches_is_refused_with_the_way_out():
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        _fit(make_model(), 2, fixed_batch(4), accumulate_grad_batches=2)
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        make_model(micro_batch_size=0)
 
 
 def test_checkpoint_round_trip_through_load_model(tmp_path):
