@@ -134,6 +134,9 @@ def worker(spec: dict) -> dict:
                     exact_peak=exact_peak, backend=_wkv_backend() if family == "rwkv" else None)
     towers = {f: _build_tower(spec, f) for f in spec["families"]}
     for model, x in towers.values():
+        if spec.get("compile"):
+            model.compile()  # torch.compile in place; the warm-up steps below compile forward and backward
+            _step(model, x)
         _step(model, x)  # warm-up (one-time allocations, kernel loading)
     times = {f: [] for f in towers}
     for i in range(spec["repeats"]):
@@ -157,7 +160,7 @@ def _category(name: str) -> str:
         return "gemm"
     if "convolution" in name:
         return "conv"
-    if "BiWKV" in name or "scaled_dot_product" in name:
+    if "bi_wkv" in name or "scaled_dot_product" in name:
         return "mixer"  # the Bi-WKV scan (forward and backward) or the attention kernel
     return "other"
 
@@ -279,6 +282,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed steps after the first (median reported)")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--timeout", type=float, default=900, help="seconds per measurement")
+    p.add_argument("--compile", action="store_true",
+                   help="time both towers compiled with torch.compile (memory is still measured eagerly)")
     p.add_argument("--no-matched", dest="matched", action="store_false",
                    help="skip the parameter-matched towers of the ablation configs (B/32 size, 224/32)")
     p.add_argument("--json", help="also write the raw results here")
@@ -292,10 +297,11 @@ def main(argv=None) -> int:
         return 0
 
     base = dict(width=args.width, depth=args.depth, head_size=args.head_size, threads=args.threads,
-                repeats=args.repeats)
+                repeats=args.repeats, compile=args.compile)
     results, ok, judged = [], True, 0
     print(f"towers: width {args.width}, depth {args.depth}, heads of {args.head_size}; {args.threads} threads; "
-          f"fwd+bwd, median of {args.repeats} interleaved steps after one warm-up step")
+          f"fwd+bwd, median of {args.repeats} interleaved steps after one warm-up step"
+          + (", both towers compiled with torch.compile" if args.compile else ""))
 
     if args.only in ("image", "all"):
         sizes = []

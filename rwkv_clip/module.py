@@ -68,6 +68,9 @@ class CLIPModule(L.LightningModule):
             with a larger contrastive batch than fits in memory: raise ``data.batch_size`` and set this. ``None``
             encodes the batch at once. (``trainer.accumulate_grad_batches`` would shrink the negatives to each
             accumulated batch, so it is refused.)
+        compile_towers: compile both towers with ``torch.compile`` when a run starts, in place, so checkpoint
+            keys do not change. The Bi-RWKV towers trace through the WKV op without a graph break, and the
+            elementwise work around the matmuls gets fused; the first steps take longer (compilation).
     """
 
     def __init__(
@@ -84,6 +87,7 @@ class CLIPModule(L.LightningModule):
         min_lr_ratio: float = 0.0,
         max_logit_scale: float = 100.0,
         micro_batch_size: Optional[int] = None,
+        compile_towers: bool = False,
     ):
         super().__init__()
         for name, encoder in (("image_encoder", image_encoder), ("text_encoder", text_encoder)):
@@ -129,6 +133,7 @@ class CLIPModule(L.LightningModule):
         self.max_log_logit_scale = math.log(max_logit_scale)
         self.micro_batch_size = micro_batch_size
         self._grads_zeroed_in_step = False
+        self.compile_towers = compile_towers
         self._last_step_time: Optional[float] = None
 
     # ----------------------------------------------------------------------------------------- inference
@@ -230,6 +235,11 @@ class CLIPModule(L.LightningModule):
                     surrogate.backward()
         # Value: the loss. Gradient: the logit scale's through `loss`, the last chunk's through `surrogate`.
         return loss + (surrogate - surrogate.detach())
+
+    def configure_model(self):
+        if self.compile_towers:  # nn.Module.compile: in place, and idempotent (Lightning calls this per stage)
+            self.image_encoder.compile()
+            self.text_encoder.compile()
 
     def on_fit_start(self):
         if self.trainer.accumulate_grad_batches > 1:

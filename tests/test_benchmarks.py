@@ -15,7 +15,8 @@ def test_category_sorts_profiler_events():
     assert bench_backbones._category("aten::mm") == "gemm"
     assert bench_backbones._category("aten::addmm") == "gemm"
     assert bench_backbones._category("aten::convolution_backward") == "conv"
-    assert bench_backbones._category("_BiWKVCPUBackward") == "mixer"
+    assert bench_backbones._category("rwkv_clip::bi_wkv_cpu_backward") == "mixer"
+    assert bench_backbones._category("rwkv_clip::bi_wkv_cuda") == "mixer"
     assert bench_backbones._category("aten::_scaled_dot_product_flash_attention_for_cpu") == "mixer"
     assert bench_backbones._category("aten::mul") == "other"
 

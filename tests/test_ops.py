@@ -195,10 +195,42 @@ def test_backends_agree_on_model_shapes():
 
 def test_auto_uses_cpu_kernel_for_cpu_tensors(monkeypatch):
     calls = []
-    orig = interface._BiWKVCPU.apply
-    monkeypatch.setattr(interface._BiWKVCPU, "apply", lambda *a: calls.append(1) or orig(*a))
+    orig = interface._bi_wkv_cpu
+    monkeypatch.setattr(interface, "_bi_wkv_cpu", lambda *a: calls.append(1) or orig(*a))
     bi_wkv(*make_inputs(1, 3, 1, 8))
     assert calls == [1]
+
+
+def test_cpu_custom_op_passes_torch_library_opcheck():
+    """Schema, fake (shape-only) implementation and autograd registration, as torch.compile relies on them."""
+    r, k, v, w, u = (x.contiguous() for x in make_inputs(2, 7, 2, 16, seed=3))
+    for x in (r, k, v, w, u):
+        x.requires_grad_(True)
+    torch.library.opcheck(torch.ops.rwkv_clip.bi_wkv_cpu, (r, k, v, w, u))
+    y, d = torch.ops.rwkv_clip.bi_wkv_cpu(r, k, v, w, u)
+    torch.library.opcheck(torch.ops.rwkv_clip.bi_wkv_cpu_backward,
+                          tuple(x.detach() for x in (r, k, v, d, w, u, torch.randn_like(y))))
+
+
+def test_tower_compiles_without_graph_breaks_and_matches_eager():
+    from rwkv_clip.backbones import VisionRWKV
+
+    torch.manual_seed(0)
+    tower = VisionRWKV(img_size=32, patch_size=8, width=40, depth=2, head_size=20, drop_path_rate=0.0)
+    with torch.no_grad():
+        for p in tower.parameters():  # away from the near-zero init, so that every path carries signal
+            p.add_(0.05 * torch.randn_like(p))
+    images = torch.randn(2, 3, 32, 32)
+    eager_out = tower(images)
+    eager_out.square().sum().backward()
+    eager_grads = [p.grad.clone() for p in tower.parameters()]
+    tower.zero_grad()
+    torch._dynamo.reset()
+    compiled_out = torch.compile(tower, fullgraph=True)(images)  # fullgraph: a graph break is an error
+    compiled_out.square().sum().backward()
+    torch.testing.assert_close(compiled_out, eager_out, rtol=1e-4, atol=1e-5)
+    for p, g in zip(tower.parameters(), eager_grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-3, atol=1e-5)
 
 
 def test_auto_falls_back_to_reference_with_one_warning(monkeypatch):

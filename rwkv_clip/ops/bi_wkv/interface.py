@@ -1,10 +1,11 @@
-"""Public bi_wkv(): input validation, backend dispatch and the autograd wrappers of the kernels."""
+"""Public bi_wkv(): input validation, backend dispatch, and the kernels as custom ops with their autograd."""
 from __future__ import annotations
 
 import warnings
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from ._build import get_extension
 from .reference import bi_wkv_reference
@@ -70,62 +71,114 @@ def _bonus_backward(r, k, v, w, u, gy, gr, gk, gv, dgd):
     return gr, gk, gv, gw, gu
 
 
-class _BiWKVCPU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, r, k, v, w, u):
-        ext = get_extension("cpu")
-        ct = _compute_dtype(r.dtype)
-        N = r.shape[-1]
-        pad = (-N) % ext.pad  # the kernel wants the head size padded to a multiple of ext.pad (zeros)
+# The kernels are registered as torch.library custom ops, each with a fake (shape-only) version and its
+# autograd formula, so that torch.compile traces a tower through bi_wkv without a graph break. Casting,
+# padding and slicing stay outside the ops, in plain differentiable PyTorch.
 
-        def prep(x):
-            x = x.to(ct)
-            return (F.pad(x, (0, pad)) if pad else x).contiguous()
-
-        rr, kk, vv, uu = prep(r), prep(k), prep(v), prep(u)
-        ww = prep(w)
-        y, d = ext.forward(rr, kk, vv, ww, uu)  # d = exp(-exp(w)), kept for the backward sweeps
-        ctx.save_for_backward(rr, kk, vv, d, ww, uu)
-        ctx.pad, ctx.dtypes = pad, (r.dtype, k.dtype, v.dtype, w.dtype, u.dtype)
-        return (y[..., :N] if pad else y).to(r.dtype)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gy):
-        rr, kk, vv, d, ww, uu = ctx.saved_tensors
-        gyc = gy.to(rr.dtype)
-        gyp = (F.pad(gyc, (0, ctx.pad)) if ctx.pad else gyc).contiguous()
-        gr, gk, gv, gw, gu = get_extension("cpu").backward(rr, kk, vv, d, ww, uu, gyp)
-        gu = gu.sum(0)
-        N = rr.shape[-1] - ctx.pad
-        return tuple((g[..., :N] if ctx.pad else g).to(dt) for g, dt in zip((gr, gk, gv, gw, gu), ctx.dtypes))
+CPU_PAD = 16  # the C++ kernel wants the head size padded (with zeros) to a multiple of this (kPad in cpu.cpp)
 
 
-class _BiWKVCUDA(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, r, k, v, w, u):
-        ext = get_extension("cuda")
-        # The kernel reads r, k, v (and gy) in their own dtype (fp32/bf16/fp16) and accumulates in fp32.
-        r_, k_, v_ = r.contiguous(), k.contiguous(), v.contiguous()
-        wc = w.float()
-        d = torch.exp(-torch.exp(wc)).contiguous()
-        y = ext.forward(r_, k_, v_, d)  # fp32 scans, no bonus
-        uc = u.float()
-        y = y + (r_.float() * uc * k_.float()).sum(-1, keepdim=True) * v_.float()
-        ctx.save_for_backward(r_, k_, v_, d, wc, uc)
-        ctx.dtypes = (r.dtype, k.dtype, v.dtype, w.dtype, u.dtype)
-        return y.to(r.dtype)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gy):
-        r_, k_, v_, d, wc, uc = ctx.saved_tensors
-        gy_ = gy.to(r_.dtype).contiguous()
-        gr, gk, gv, dgd = get_extension("cuda").backward(r_, k_, v_, d, gy_)
-        grads = _bonus_backward(r_.float(), k_.float(), v_.float(), wc, uc, gy_.float(), gr, gk, gv, dgd)
-        return tuple(g.to(dt) for g, dt in zip(grads, ctx.dtypes))
+@torch.library.custom_op("rwkv_clip::bi_wkv_cpu", mutates_args=(), device_types="cpu")
+def _cpu_forward(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+    """(y, d = exp(-exp(w))) of contiguous fp32/fp64 (B, T, H, Np) inputs, Np a multiple of CPU_PAD."""
+    y, d = get_extension("cpu").forward(r, k, v, w, u)
+    return y, d
 
 
+@_cpu_forward.register_fake
+def _(r, k, v, w, u):
+    return torch.empty_like(r), torch.empty_like(r)
+
+
+@torch.library.custom_op("rwkv_clip::bi_wkv_cpu_backward", mutates_args=(), device_types="cpu")
+def _cpu_backward(r: Tensor, k: Tensor, v: Tensor, d: Tensor, w: Tensor, u: Tensor, gy: Tensor
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    gr, gk, gv, gw, gu = get_extension("cpu").backward(r, k, v, d, w, u, gy)
+    return gr, gk, gv, gw, gu.sum(0)  # the kernel returns gu per batch element
+
+
+@_cpu_backward.register_fake
+def _(r, k, v, d, w, u, gy):
+    return tuple(torch.empty_like(r) for _ in range(4)) + (torch.empty_like(u),)
+
+
+def _cpu_setup_context(ctx, inputs, output):
+    r, k, v, w, u = inputs
+    ctx.save_for_backward(r, k, v, output[1], w, u)  # the kernel's backward recomputes the states from these
+
+
+def _cpu_grad(ctx, gy, _gd):
+    r, k, v, d, w, u = ctx.saved_tensors
+    return _cpu_backward(r, k, v, d, w, u, gy.contiguous())
+
+
+torch.library.register_autograd("rwkv_clip::bi_wkv_cpu", _cpu_grad, setup_context=_cpu_setup_context)
+
+
+def _bi_wkv_cpu(r, k, v, w, u):
+    ct = _compute_dtype(r.dtype)
+    N = r.shape[-1]
+    pad = (-N) % CPU_PAD
+
+    def prep(x):
+        x = x.to(ct)
+        return (F.pad(x, (0, pad)) if pad else x).contiguous()
+
+    y, _ = _cpu_forward(prep(r), prep(k), prep(v), prep(w), prep(u))
+    return (y[..., :N] if pad else y).to(r.dtype)
+
+
+@torch.library.custom_op("rwkv_clip::bi_wkv_cuda", mutates_args=(), device_types="cuda")
+def _cuda_forward(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+    """(y in r's dtype, d = exp(-exp(w)) in fp32) of contiguous (B, T, H, N) r, k, v (fp32/bf16/fp16)."""
+    d = torch.exp(-torch.exp(w.float())).contiguous()
+    y = get_extension("cuda").forward(r, k, v, d)  # fp32 scans, no bonus
+    # The kernel reads r, k, v in their own dtype and accumulates in fp32; the bonus term is added here.
+    y = y + (r.float() * u.float() * k.float()).sum(-1, keepdim=True) * v.float()
+    return y.to(r.dtype), d
+
+
+@_cuda_forward.register_fake
+def _(r, k, v, w, u):
+    return torch.empty_like(r), torch.empty_like(r, dtype=torch.float32)
+
+
+@torch.library.custom_op("rwkv_clip::bi_wkv_cuda_backward", mutates_args=(), device_types="cuda")
+def _cuda_backward(r: Tensor, k: Tensor, v: Tensor, d: Tensor, w: Tensor, u: Tensor, gy: Tensor
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """fp32 gradients for r, k, v, w, u."""
+    gy = gy.to(r.dtype).contiguous()
+    gr, gk, gv, dgd = get_extension("cuda").backward(r, k, v, d, gy)
+    return _bonus_backward(r.float(), k.float(), v.float(), w.float(), u.float(), gy.float(), gr, gk, gv, dgd)
+
+
+@_cuda_backward.register_fake
+def _(r, k, v, d, w, u, gy):
+    return tuple(torch.empty_like(r, dtype=torch.float32) for _ in range(4)) + (
+        torch.empty_like(u, dtype=torch.float32),)
+
+
+def _cuda_setup_context(ctx, inputs, output):
+    r, k, v, w, u = inputs
+    ctx.save_for_backward(r, k, v, output[1], w, u)
+    ctx.dtypes = tuple(x.dtype for x in inputs)
+
+
+def _cuda_grad(ctx, gy, _gd):
+    r, k, v, d, w, u = ctx.saved_tensors
+    grads = _cuda_backward(r, k, v, d, w, u, gy)
+    return tuple(g.to(dt) for g, dt in zip(grads, ctx.dtypes))
+
+
+torch.library.register_autograd("rwkv_clip::bi_wkv_cuda", _cuda_grad, setup_context=_cuda_setup_context)
+
+
+def _bi_wkv_cuda(r, k, v, w, u):
+    y, _ = _cuda_forward(r.contiguous(), k.contiguous(), v.contiguous(), w, u)
+    return y
+
+
+@torch.compiler.assume_constant_result  # torch.compile: decided once, while tracing, not traced
 def _kernel_or_reference(kind: str) -> bool:
     """For backend='auto': True if the `kind` extension is usable, else warn once and use the reference."""
     global _warned
@@ -168,5 +221,5 @@ def bi_wkv(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u
     if backend == "reference":
         return bi_wkv_reference(r, k, v, w, u)
     if backend == "cpu":
-        return _BiWKVCPU.apply(r, k, v, w, u)
-    return _BiWKVCUDA.apply(r, k, v, w, u)
+        return _bi_wkv_cpu(r, k, v, w, u)
+    return _bi_wkv_cuda(r, k, v, w, u)
