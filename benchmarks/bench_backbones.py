@@ -4,8 +4,8 @@
     python benchmarks/bench_backbones.py --only image --sizes 224/32,1024/16 --repeats 2
     python benchmarks/bench_backbones.py --params configs/ablations/*.yaml   # parameter count of each config
 
-Image towers (VisionRWKV vs TimmViT) at equal width and depth, at 224/32, 224/16, 448/16, 1024/16
-(T = 49, 196, 784, 4096 patches); text towers (TextRWKV vs TextTransformer) at context 77 and 256.
+Image towers (VisionRWKV vs TimmViT) at equal width and depth, at 224/32, 224/16, 448/16, 512/16, 1024/16
+(T = 49, 196, 784, 1024, 4096 patches); text towers (TextRWKV vs TextTransformer) at context 77 and 256.
 Each family keeps its own published channel-MLP ratio (RWKV image 5x, text 3.5x; Transformer 4x), so the
 parameter counts are printed too. The batch shrinks as T grows (the batch sizes are printed), and time and
 memory are reported per sample.
@@ -26,7 +26,7 @@ attention kernel) and everything else. Then the same pair at the ablation config
 ``--no-matched``): that is what swapping ``class_path`` in YAML costs.
 
 Targets (DESIGN / issue 6): the RWKV image tower takes <= 1.2x the ViT's time at 224/32, is faster than the
-ViT from T = 1024 on (here: 1024/16, T = 4096; 448/16 has T = 784 and is reported but not judged), and its
+ViT from T = 1024 on (judged at every size with T >= 1024: 512/16 and 1024/16), and its
 peak memory grows linearly in T. The RWKV towers' speed depends on the Bi-WKV backend that
 ``rwkv_clip.ops.bi_wkv(backend="auto")`` picks; the script prints which one it was.
 """
@@ -45,9 +45,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-DEFAULT_SIZES = "224/32,224/16,448/16,1024/16"
+DEFAULT_SIZES = "224/32,224/16,448/16,512/16,1024/16"
 # Batch per token count: big enough that small T is not all overhead, 1 at T=4096 so it fits in time.
-DEFAULT_BATCH = {49: 8, 196: 4, 784: 2, 4096: 1}
+DEFAULT_BATCH = {49: 8, 196: 4, 784: 2, 1024: 1, 4096: 1}
 
 
 def _rss_kib(field: str) -> int:

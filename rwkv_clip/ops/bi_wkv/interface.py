@@ -128,14 +128,26 @@ def _bi_wkv_cpu(r, k, v, w, u):
     return (y[..., :N] if pad else y).to(r.dtype)
 
 
+def _scans_with_bonus(ext, r, k, v, w, u):
+    """(y in r's dtype, d = exp(-exp(w)) in fp32) from ``ext.forward(r, k, v, d)``, the fp32 scans without the
+    bonus (the CUDA kernel, which reads r, k, v in their own dtype); the bonus term is added here."""
+    d = torch.exp(-torch.exp(w.float())).contiguous()
+    y = ext.forward(r, k, v, d)
+    y = y + (r.float() * u.float() * k.float()).sum(-1, keepdim=True) * v.float()
+    return y.to(r.dtype), d
+
+
+def _scan_grads_with_bonus(ext, r, k, v, d, w, u, gy):
+    """fp32 (gr, gk, gv, gw, gu) from ``ext.backward(r, k, v, d, gy)`` = (gr, gk, gv, d·∂L/∂d) of the scans."""
+    gy = gy.to(r.dtype).contiguous()
+    gr, gk, gv, dgd = ext.backward(r, k, v, d, gy)
+    return _bonus_backward(r.float(), k.float(), v.float(), w.float(), u.float(), gy.float(), gr, gk, gv, dgd)
+
+
 @torch.library.custom_op("rwkv_clip::bi_wkv_cuda", mutates_args=(), device_types="cuda")
 def _cuda_forward(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     """(y in r's dtype, d = exp(-exp(w)) in fp32) of contiguous (B, T, H, N) r, k, v (fp32/bf16/fp16)."""
-    d = torch.exp(-torch.exp(w.float())).contiguous()
-    y = get_extension("cuda").forward(r, k, v, d)  # fp32 scans, no bonus
-    # The kernel reads r, k, v in their own dtype and accumulates in fp32; the bonus term is added here.
-    y = y + (r.float() * u.float() * k.float()).sum(-1, keepdim=True) * v.float()
-    return y.to(r.dtype), d
+    return _scans_with_bonus(get_extension("cuda"), r, k, v, w, u)
 
 
 @_cuda_forward.register_fake
@@ -147,9 +159,7 @@ def _(r, k, v, w, u):
 def _cuda_backward(r: Tensor, k: Tensor, v: Tensor, d: Tensor, w: Tensor, u: Tensor, gy: Tensor
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """fp32 gradients for r, k, v, w, u."""
-    gy = gy.to(r.dtype).contiguous()
-    gr, gk, gv, dgd = get_extension("cuda").backward(r, k, v, d, gy)
-    return _bonus_backward(r.float(), k.float(), v.float(), w.float(), u.float(), gy.float(), gr, gk, gv, dgd)
+    return _scan_grads_with_bonus(get_extension("cuda"), r, k, v, d, w, u, gy)
 
 
 @_cuda_backward.register_fake
