@@ -2,7 +2,8 @@
 
 Rank r trains on rows [r·B, (r+1)·B) of a fixed batch, so the gathered batch is the concatenated one. Rank 0
 writes the per-rank losses and the DDP-reduced gradients to the output file for comparison with one process.
-An optional third argument sets CLIPModule's micro_batch_size (chunked encoding with cached features).
+Optional arguments: CLIPModule's micro_batch_size (chunked encoding with cached features) and the number of
+steps (the losses and gradients written are the last step's).
 """
 
 import sys
@@ -37,13 +38,13 @@ class HalfBatchModule(CLIPModule):
         return loss
 
 
-def main(out_path: str, loss: str, micro_batch_size: str = "none") -> None:
+def main(out_path: str, loss: str, micro_batch_size: str = "none", steps: str = "1") -> None:
     torch.manual_seed(0)
     micro = None if micro_batch_size == "none" else int(micro_batch_size)
     model = HalfBatchModule(TinyImageTower(), TinyTextTower(), embed_dim=8, loss=loss, micro_batch_size=micro)
     capture = GradCapture()
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_steps=1, use_distributed_sampler=False,
+        accelerator="cpu", devices=2, strategy="ddp", max_steps=int(steps), use_distributed_sampler=False,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=[capture],
     )

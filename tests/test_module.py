@@ -144,19 +144,22 @@ def test_warmup_then_cosine_schedule():
     assert lrs[-1] == pytest.approx(1e-2 * 0.5 * (1 + math.cos(math.pi * 5 / 6)))
 
 
+def _run_ddp_worker(tmp_path, loss: str, micro_batch_size, steps: int) -> dict:
+    out = tmp_path / "ddp.pt"
+    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run(
+        [sys.executable, str(TESTS / "ddp_worker.py"), str(out), loss, str(micro_batch_size).lower(), str(steps)],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return torch.load(out, weights_only=True)
+
+
 @pytest.mark.parametrize("loss,micro_batch_size", [("infonce", None), ("siglip", None), ("infonce", 3)],
                          ids=["infonce", "siglip", "infonce-micro3"])
 def test_two_process_ddp_matches_one_process_on_the_concatenated_batch(tmp_path, loss, micro_batch_size):
     """micro3: each rank encodes its 4 rows in chunks of 3 and 1 with cached features; still the same result."""
-    out = tmp_path / "ddp.pt"
-    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.run(
-        [sys.executable, str(TESTS / "ddp_worker.py"), str(out), loss, str(micro_batch_size).lower()],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = torch.load(out, weights_only=True)
-
+    result = _run_ddp_worker(tmp_path, loss, micro_batch_size, steps=1)
     model = make_model(loss=loss)
     images, tokens = fixed_batch(8)
     full_loss = model.contrastive_loss(*model(images, tokens))
@@ -178,9 +181,10 @@ class GradCapture(L.Callback):
         self.grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
 
 
-def _one_step_grads(model, batch, **trainer_kwargs):
+def _train_and_capture(model, batch, steps: int = 1):
+    """The losses of each step, and the gradients of the last one."""
     capture = GradCapture()
-    _fit(model, 1, batch, callbacks=[capture], **trainer_kwargs)
+    _fit(model, steps, batch, callbacks=[capture])
     return capture
 
 
@@ -188,8 +192,8 @@ def _one_step_grads(model, batch, **trainer_kwargs):
 @pytest.mark.parametrize("micro_batch_size", [1, 3, 8])
 def test_micro_batches_give_the_whole_batch_loss_and_gradients(loss, micro_batch_size):
     batch = fixed_batch(8)
-    whole = _one_step_grads(make_model(loss=loss), batch)
-    chunked = _one_step_grads(make_model(loss=loss, micro_batch_size=micro_batch_size), batch)
+    whole = _train_and_capture(make_model(loss=loss), batch)
+    chunked = _train_and_capture(make_model(loss=loss, micro_batch_size=micro_batch_size), batch)
     assert chunked.losses[0] == pytest.approx(whole.losses[0], abs=1e-6)
     assert set(chunked.grads) == set(whole.grads)
     for name, grad in whole.grads.items():
@@ -206,6 +210,15 @@ class DropTower(nn.Module):
 
     def forward(self, images):
         return nn.functional.dropout(self.tower(images), p=0.5, training=self.training)
+
+
+def test_two_process_ddp_micro_batches_over_several_steps(tmp_path):
+    """Later steps too: each step's chunks accumulate locally and are all-reduced once, then AdamW moves on."""
+    result = _run_ddp_worker(tmp_path, "infonce", 3, steps=3)
+    capture = _train_and_capture(make_model(), fixed_batch(8), steps=3)
+    assert result["rank_losses"].mean().item() == pytest.approx(capture.losses[-1], abs=1e-5)
+    for name, grad in capture.grads.items():
+        assert torch.allclose(result["grads"][name], grad, atol=1e-5, rtol=1e-4), name
 
 
 def test_micro_batches_replay_the_random_state_of_each_chunk():
