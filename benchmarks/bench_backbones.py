@@ -19,7 +19,7 @@ peak-RSS counter (``echo 5 > /proc/self/clear_refs``), runs one forward+backward
 i.e. the activation memory that autograd keeps. "Linear in T" is judged by the log-log slope of that figure
 between the two largest sizes (<= 1.15 passes; attention that stored the T x T scores would give ~2).
 
-Why the times differ (printed under the 224/32 target): each tower's GEMM+conv FLOPs (torch's
+Why the times differ (printed under the 224/32 and T = 1024 targets): each tower's GEMM+conv FLOPs (torch's
 FlopCounterMode) and the profiler's split of its step into GEMMs, the patch conv, the token mixer (Bi-WKV scan or
 attention kernel) and everything else. Then the same pair at the ablation configs' sizes, parameter-matched
 (VisionRWKV 640x12 of rwkv_rwkv.yaml against ViT-B/32 of vit_transformer.yaml, 224/32, batch 8; skip it with
@@ -314,7 +314,8 @@ def main(argv=None) -> int:
               f"{'RWKV act MiB':>12} {'ViT act MiB':>11} {'ratio':>6}")
         rows = {}
         for res, patch, T, B in sizes:
-            pair = measure({**base, "kind": "image", "res": res, "patch": patch, "batch": B, "explain": T == 49},
+            pair = measure({**base, "kind": "image", "res": res, "patch": patch, "batch": B,
+                            "explain": T in (49, 1024)},
                            ["rwkv", "vit"], args.timeout)
             results.extend(pair.values())
             rows[T] = pair
@@ -347,6 +348,7 @@ def main(argv=None) -> int:
             ok &= passed
             judged += 1
             print(f"  {'PASS' if passed else 'FAIL'}  T={T}: RWKV / ViT time = {ratio:.2f} (target < 1, faster from T=1024)")
+            print_explain(good[T], ("rwkv", "vit"), ("RWKV", "ViT"))
         if len(good) >= 2:
             Ts = sorted(good)
             t1, t2 = Ts[-2], Ts[-1]
