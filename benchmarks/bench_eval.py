@@ -23,8 +23,12 @@ import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rwkv_clip.callbacks import ZeroShotClassification, linear_probe  # noqa: E402
-from rwkv_clip.callbacks.base import BenchmarkCallback  # noqa: E402
+from rwkv_clip.callbacks import (  # noqa: E402
+    BenchmarkCallback,
+    ZeroShotClassification,
+    linear_probe,
+    load_classification,
+)
 
 
 def build_b32(config: str = "configs/rwkv_clip_b32.yaml"):
@@ -49,11 +53,13 @@ def bench_b32(args) -> None:
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, precision=args.precision,
                         enable_progress_bar=False, enable_model_summary=False)
     zs = ZeroShotClassification(
-        datasets=[dict(name="demo", source="demo", root=root, max_samples=args.images, batch_size=args.batch_size)],
-        tokenizer=os.path.join(root, "tokenizer.json"), image_size=224, log_images=False,
+        datasets=[dict(name="demo", source="litdata", root="test", classnames="classnames.json",
+                       templates="templates.json", max_samples=args.images, batch_size=args.batch_size)],
+        root=root, tokenizer=os.path.join(root, "tokenizer.json"), image_size=224, log_images=False,
     )
     zs.setup(trainer, model, "validate")
-    n_cls, n_tpl = len(zs._sets[0].classnames), len(zs._sets[0].templates)
+    demo = load_classification(zs.datasets[0])
+    n_cls, n_tpl = len(demo.classnames), len(demo.templates)
     x = torch.randn(args.batch_size, 3, 224, 224)
     with torch.no_grad(), trainer.precision_plugin.forward_context():
         model.encode_image(x[:2])  # warm-up
@@ -61,7 +67,9 @@ def bench_b32(args) -> None:
         model.encode_image(x)
         tower = args.batch_size / (time.perf_counter() - t)
     spent = {}
-    build = zs.classifier
+    from rwkv_clip.callbacks import base
+
+    build = base.Env.classifier
 
     def timed_classifier(*a):
         t0 = time.perf_counter()
@@ -69,9 +77,9 @@ def bench_b32(args) -> None:
         spent["classifier"] = time.perf_counter() - t0
         return out
 
-    zs.classifier = timed_classifier
+    base.Env.classifier = timed_classifier
     t = time.perf_counter()
-    zs.run(trainer, model, direct=True)
+    zs.run(trainer, model, in_loop=False)
     total = time.perf_counter() - t
     images_only = total - spent["classifier"]
     print(f"B/32 zero-shot on CPU ({torch.get_num_threads()} threads, precision {args.precision}):")
@@ -94,9 +102,9 @@ def bench_demo_epoch(args) -> None:
         if isinstance(cb, BenchmarkCallback):
             orig = cb.run
 
-            def timed(trainer, pl_module, direct=False, _orig=orig, _name=type(cb).__name__):
+            def timed(trainer, pl_module, in_loop=True, _orig=orig, _name=type(cb).__name__):
                 t = time.perf_counter()
-                out = _orig(trainer, pl_module, direct)
+                out = _orig(trainer, pl_module, in_loop)
                 eval_time[_name] = eval_time.get(_name, 0.0) + time.perf_counter() - t
                 return out
 

@@ -21,7 +21,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision import transforms as T
 
-from rwkv_clip.callbacks import EvalDataset, LinearProbe, ZeroShotClassification, ZeroShotRetrieval
+from rwkv_clip.callbacks import (
+    EvalDataset,
+    LinearProbe,
+    ZeroShotClassification,
+    ZeroShotRetrieval,
+    load_classification,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 COLOURS = {"red": (230, 20, 20), "green": (20, 200, 30), "blue": (25, 30, 220), "yellow": (220, 210, 20)}
@@ -329,7 +335,7 @@ def test_demo_test_split_is_an_ordinary_litdata_set(tmp_path):
     lp = LinearProbe(datasets=[dict(name="demo", source="litdata", root="test")], root=root)
     _trainer(tmp_path, [*callbacks, lp]).validate(ToyCLIP(), datamodule=ToyDM())
     zs, ret = callbacks
-    assert zs._sets[0].classnames == ["red circle", "red square", "blue circle", "blue square"]
+    assert load_classification(zs.datasets[0]).classnames == ["red circle", "red square", "blue circle", "blue square"]
     assert zs.results["demo"]["num_samples"] == 12 and 0.0 <= zs.results["demo"]["top1"] <= 1.0
     assert ret.results["demo"]["num_texts"] > 12  # several distinct captions per image
     assert lp.results["demo"]["num_samples"] == 6  # half of the 12 test images; the other half fits the probe
