@@ -177,7 +177,7 @@ def clip_benchmark_file(kind: str) -> dict[str, list[str]]:
     return json.loads(path.read_text())
 
 
-def read_keyed_json(path: str, key: str, what: str) -> tuple[dict[str, Any], str]:
+def read_keyed_json(path: str, what: str) -> dict[str, Any]:
     """A JSON object keyed by dataset name, read with errors that name the file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} file {path} does not exist; give a JSON file keyed by dataset name")
@@ -188,25 +188,29 @@ def read_keyed_json(path: str, key: str, what: str) -> tuple[dict[str, Any], str
         raise ValueError(f"{what} file {path} is not valid JSON: {e}") from None
     if not isinstance(table, dict):
         raise ValueError(f"{what} file {path} must hold a JSON object keyed by dataset name")
-    return table, path
+    return table
 
 
 def _entry(table: dict[str, Any], key: str, what: str, where: str) -> list[str]:
+    if key not in table:
+        raise KeyError(f"{what} in {where}: no entry {key!r} (it has {sorted(table)}); set the dataset's 'key'")
     value = table[key]
     if not (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
         raise ValueError(f"{what} in {where}, entry {key!r}: expected a non-empty list of strings")
     return value
 
 
+def _classnames_file(cfg: EvalDataset) -> list[str]:
+    return _entry(read_keyed_json(cfg.classnames, "classnames"), cfg.key or cfg.name, "classnames", cfg.classnames)
+
+
 def resolve_templates(cfg: EvalDataset) -> list[str]:
     key = cfg.key or cfg.name
     if cfg.templates:
-        table, where = read_keyed_json(cfg.templates, key, "templates")
+        table, where = read_keyed_json(cfg.templates, "templates"), cfg.templates
     else:
         table, where = clip_benchmark_file("templates"), "CLIP_benchmark's templates"
-    if key not in table:
-        if "imagenet1k" not in table:
-            raise KeyError(f"templates in {where}: no entry {key!r} (it has {sorted(table)}); set the dataset's 'key'")
+    if key not in table and "imagenet1k" in table:
         print(f"[eval] {where} has no templates for {key!r}: using ImageNet's, as CLIP_benchmark does")
         key = "imagenet1k"
     return _entry(table, key, "templates", where)
@@ -402,7 +406,7 @@ def _split_dir(cfg: EvalDataset, split: str) -> str:
 def load_classification(cfg: EvalDataset, split: Optional[str] = None, prompts: bool = True) -> ClassificationSet:
     """Read a classification set: its data, its class names in label order and (with ``prompts``) its templates."""
     split = split or cfg.split
-    key, where = cfg.key or cfg.name, f"dataset {cfg.name!r}"
+    where = f"dataset {cfg.name!r}"
     if cfg.source == "imagefolder":
         from torchvision.datasets import ImageFolder
 
@@ -413,10 +417,7 @@ def load_classification(cfg: EvalDataset, split: Optional[str] = None, prompts: 
             raise FileNotFoundError(f"{where}: no class folders with images in {folder} ({e})") from None
         own = data.classes
         if cfg.classnames:
-            table, path = read_keyed_json(cfg.classnames, key, "classnames")
-            if key not in table:
-                raise KeyError(f"classnames file {path}: no entry {key!r} (it has {sorted(table)}); set 'key'")
-            names = match_classnames(_entry(table, key, "classnames", path), own, f"{where}, {path}", by_name=True)
+            names = match_classnames(_classnames_file(cfg), own, f"{where}, {cfg.classnames}", by_name=True)
         elif any(re.fullmatch(r"n\d{8}", f) for f in own):
             raise ValueError(f"{where}: the folders under {folder} are WordNet ids; name the set imagenet1k to read "
                              "it with CLIP_benchmark's names, or give 'classnames'")
@@ -425,10 +426,7 @@ def load_classification(cfg: EvalDataset, split: Optional[str] = None, prompts: 
     elif cfg.source == "litdata":
         data = LitDataImages(_split_dir(cfg, split), label_key=cfg.label_key)
         if cfg.classnames:
-            table, path = read_keyed_json(cfg.classnames, key, "classnames")
-            if key not in table:
-                raise KeyError(f"classnames file {path}: no entry {key!r} (it has {sorted(table)}); set 'key'")
-            names = _entry(table, key, "classnames", path)  # the label field is an index into this list
+            names = _classnames_file(cfg)  # the label field is an index into this list
         elif prompts:
             raise ValueError(f"{where}: a LitData set's labels are indices into a class-names list; give "
                              "'classnames', a JSON file keyed by dataset name")
@@ -437,10 +435,7 @@ def load_classification(cfg: EvalDataset, split: Optional[str] = None, prompts: 
     elif cfg.source is None and cfg.name in CLASSIFICATION_SETS:
         data, own = _torchvision_set(cfg, split)
         if cfg.classnames:
-            table, path = read_keyed_json(cfg.classnames, key, "classnames")
-            if key not in table:
-                raise KeyError(f"classnames file {path}: no entry {key!r} (it has {sorted(table)}); set 'key'")
-            names = match_classnames(_entry(table, key, "classnames", path), own, f"{where}, {path}", by_name=False)
+            names = match_classnames(_classnames_file(cfg), own, f"{where}, {cfg.classnames}", by_name=False)
         elif cfg.name in _CLIP_BENCHMARK_NAMES:
             names = match_classnames(clip_benchmark_file("classnames")[cfg.name], own,
                                      f"{where}, CLIP_benchmark's class names", by_name=False)
@@ -464,7 +459,7 @@ def load_retrieval(cfg: EvalDataset) -> RetrievalSet:
         captions = [data.captions(data.sample(i)) for i in range(len(data))]
     elif cfg.source == "karpathy" or (cfg.source is None and cfg.name in RETRIEVAL_SETS):
         default = {"mscoco_captions": f"coco_{split}_karpathy.json", "flickr30k": f"flickr30k_{split}_karpathy.txt"}
-        ann = cfg.annotations or (os.path.join(cfg.root, default[cfg.name]) if cfg.name in default else None)
+        ann = cfg.annotations or (os.path.join(cfg.root, default[cfg.name]) if cfg.source is None else None)
         try:
             if not ann or not os.path.isfile(ann):
                 raise FileNotFoundError(f"annotations file {ann!r} does not exist")

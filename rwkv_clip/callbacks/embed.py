@@ -73,6 +73,8 @@ def embed_images(
     """L2-normalised float32 embeddings of ``data[i]`` for i in ``indices``, their labels (-1 without ``labels``)
     and whether each image loaded; ``data`` yields (PIL image, target)."""
     n = len(indices)
+    if n == 0:
+        raise ValueError(f"{desc or 'the evaluation set'}: no samples to embed")
     mine = [indices[p] for p in ranks.share(n)]
     loader = DataLoader(_Transformed(data, mine, transform, labels), batch_size=batch_size, num_workers=num_workers)
     embs, labs, oks = [], [], []
