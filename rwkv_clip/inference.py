@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -27,38 +28,44 @@ from rwkv_clip.module import CLIPModule
 TRUSTED_PACKAGE = "rwkv_clip.backbones."
 
 
-def _tower_class(class_path: str, allowed_classes: Sequence[type], what: str) -> Optional[type]:
-    """The class a checkpoint's ``class_path`` names, when it may be built; checked *before* anything is imported.
+def _tower_class(class_path: str, allowed_classes: Sequence[type], what: str) -> type:
+    """The tower class a checkpoint's ``class_path`` names, checked *before* anything is imported.
 
-    A checkpoint is data from elsewhere, and importing the module it names runs that module's code. So only the
-    towers in ``rwkv_clip.backbones`` are imported, and other classes only when the caller passed them in (they
-    are then used as given, never imported). Returns ``None`` for the trusted package (imported by the caller).
+    A checkpoint is data from elsewhere, and importing the module it names runs that module's code. So only
+    ``rwkv_clip.backbones`` is imported, and other classes are used only when the caller passed them in (matched by
+    class name, so a class that moved modules still loads; they are never imported from the checkpoint's path).
     """
-    module, _, name = class_path.rpartition(".")
+    module_name, _, name = class_path.rpartition(".")
     for cls in allowed_classes:
-        # The path of the class itself, or of a package above it that re-exports it (e.g. mypkg.MyTower).
-        if name == cls.__name__ and (module == cls.__module__ or cls.__module__.startswith(module + ".")):
+        if name == cls.__name__:
             return cls
-    if class_path.startswith(TRUSTED_PACKAGE) and name.isidentifier():
-        return None
-    raise ValueError(
-        f"the checkpoint builds its {what} from {class_path!r}, outside {TRUSTED_PACKAGE.rstrip('.')}: importing it "
-        f"would run that module's code. If you trust it, pass the class: load_model(..., allowed_classes=[{name}])"
-    )
+    if not class_path.startswith(TRUSTED_PACKAGE):
+        raise ValueError(
+            f"the checkpoint builds its {what} from {class_path!r}, outside {TRUSTED_PACKAGE.rstrip('.')}: importing "
+            f"it would run that module's code. If you trust it, pass the class: load_model(..., allowed_classes=[{name}])"
+        )
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"cannot build the {what} {class_path!r} named in the checkpoint: {err}") from err
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"the {what} {class_path!r} named in the checkpoint is not a tower (a torch.nn.Module class)")
+    return cls
 
 
 def _build_tower(spec: Any, allowed_classes: Sequence[type], what: str) -> nn.Module:
     if not (isinstance(spec, Mapping) and isinstance(spec.get("class_path"), str)):
         raise ValueError(f"the checkpoint's {what} is not a {{class_path, init_args}} spec: {spec!r}")
     init_args = dict(spec.get("init_args") or {})
+    if init_args.get("pretrained_path") is not None:
+        init_args["pretrained_path"] = None  # the checkpoint holds the tower's weights
     cls = _tower_class(spec["class_path"], allowed_classes, what)
     try:
-        tower = cls(**init_args) if cls is not None else instantiate_class((), {**spec, "init_args": init_args})
-    except (ImportError, AttributeError, TypeError) as err:
-        raise ValueError(f"cannot build the {what} {spec['class_path']!r} named in the checkpoint: {err}") from err
-    if not isinstance(tower, nn.Module):
-        raise ValueError(f"the {what} class {spec['class_path']!r} named in the checkpoint is not a torch.nn.Module")
-    return tower
+        if cls in allowed_classes:
+            return cls(**init_args)
+        return instantiate_class((), {"class_path": spec["class_path"], "init_args": init_args})
+    except TypeError as err:  # init_args that the class does not take (a checkpoint from another version)
+        raise ValueError(f"the checkpoint's init_args for its {what} {spec['class_path']!r} do not fit: {err}") from err
 
 
 def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
@@ -110,8 +117,13 @@ def model_from_checkpoint(
     allowed_classes: Sequence[type] = (),
     tokenizer: Optional[str] = None,
 ) -> CLIPModule:
-    """A :class:`CLIPModule` in eval mode built from a loaded Lightning-style checkpoint (see :func:`load_model`)."""
+    """A :class:`CLIPModule` in eval mode built from a loaded Lightning-style checkpoint (see :func:`load_model`).
+
+    The checkpoint's weights are the model's: a ``pretrained_path`` the run started from is dropped, from the
+    model (a later ``fit`` would go back to those weights) and from the towers (TimmViT would read the file).
+    """
     hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
+    hparams.pop("pretrained_path", None)
     towers = {"image_encoder": image_encoder, "text_encoder": text_encoder}
     for name, given in towers.items():
         spec = hparams.pop(name, None)

@@ -131,7 +131,10 @@ class CLIPModule(L.LightningModule):
         # is what lets `load_model` rebuild the model from a checkpoint loaded with weights_only=True. Towers
         # built in Python are modules, not data, so they are left out (pass them to load_model yourself).
         built_by_cli = _given_hyperparameters.get() is not None
-        self.save_hyperparameters(ignore=None if built_by_cli else ["image_encoder", "text_encoder"])
+        ignore = [] if built_by_cli else ["image_encoder", "text_encoder"]
+        if tokenizer is None:  # Lightning refuses a model and a datamodule `tokenizer` hparam that differ
+            ignore.append("tokenizer")
+        self.save_hyperparameters(ignore=ignore)
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
         self.embed_dim = embed_dim if embed_dim is not None else image_encoder.width

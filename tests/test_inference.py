@@ -96,6 +96,22 @@ def test_readme_example_classifies_an_image_folder(rwkv_checkpoint, tmp_path):
     assert [line.split(":")[0] for line in lines] == ["img0.jpg", "img1.png", "img2.png"], lines
 
 
+def test_a_checkpoint_does_not_read_the_files_its_run_started_from(tmp_path):
+    """A LiT run's TimmViT(pretrained_path) and the model's pretrained_path are history: the checkpoint holds the
+    weights, so it loads where those files are gone, and a later fit does not go back to them."""
+    from rwkv_clip.backbones import TextRWKV, TimmViT
+
+    arch = {"model_name": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1,
+            "num_heads": 2}
+    model = CLIPModule(TimmViT(**arch), TextRWKV(**TEXT["init_args"]))
+    image = {"class_path": "rwkv_clip.backbones.TimmViT", "init_args": {**arch, "pretrained_path": str(tmp_path / "gone.pth")}}
+    path = save_checkpoint(tmp_path / "lit.ckpt", image, TEXT, model, pretrained_path=str(tmp_path / "gone.ckpt"),
+                           lock_image=True)
+    loaded = load_model(path)
+    assert loaded.pretrained_path is None and loaded.lock_image
+    assert torch.equal(loaded.image_encoder.model.pos_embed, model.image_encoder.model.pos_embed)
+
+
 # ---------------------------------------------------------------------------- which classes may be built
 EVIL = '''
 from pathlib import Path
@@ -135,7 +151,11 @@ def test_a_backbones_path_that_is_not_a_tower_is_refused(tmp_path, rwkv_checkpoi
     checkpoint = torch.load(rwkv_checkpoint, weights_only=True)
     checkpoint["hyper_parameters"]["image_encoder"] = {"class_path": "rwkv_clip.backbones.rwkv.math", "init_args": {}}
     torch.save(checkpoint, tmp_path / "odd.ckpt")
-    with pytest.raises(ValueError, match="cannot build the image_encoder"):
+    with pytest.raises(ValueError, match="is not a tower"):
+        load_model(tmp_path / "odd.ckpt")
+    checkpoint["hyper_parameters"]["image_encoder"] = {"class_path": "rwkv_clip.backbones.NoSuchTower"}
+    torch.save(checkpoint, tmp_path / "odd.ckpt")
+    with pytest.raises(ValueError, match="cannot build the image_encoder 'rwkv_clip.backbones.NoSuchTower'"):
         load_model(tmp_path / "odd.ckpt")
 
 
