@@ -5,7 +5,8 @@
     tokens -> text_encoder  -> (proj) -> L2-norm ─┘
 
 The towers are any ``nn.Module`` with ``forward(x) -> (B, width)`` and a ``width`` attribute, chosen in
-YAML with ``class_path``/``init_args`` (see ``configs/``).
+YAML with ``class_path``/``init_args`` (see ``configs/``). A run can start from released or earlier weights
+(``pretrained_path``) and keep either tower fixed (``lock_image`` / ``lock_text``, LiT).
 """
 
 import math
@@ -71,6 +72,15 @@ class CLIPModule(L.LightningModule):
         compile_towers: compile both towers with ``torch.compile`` when a run starts, in place, so checkpoint
             keys do not change. The Bi-RWKV towers trace through the WKV op without a graph break, and the
             elementwise work around the matmuls gets fused; the first steps take longer (compilation).
+        tokenizer: the model's tokenizer, kept with it so a checkpoint says how to tokenize: a ``tokenizer.json``
+            path, a CLIP merges path (``bpe_simple_vocab_16e6.txt.gz``), or ``"clip"`` (CLIP's BPE from the installed
+            open_clip package). See :meth:`get_tokenizer`.
+        pretrained_path: weights to start from when ``fit`` starts: a checkpoint of this project or an official
+            RWKV-CLIP file (``model_31.pt``). Not a resume: the optimizer, the schedule and the step count start
+            fresh (resume with ``--ckpt_path``, which then takes precedence). The towers must match the weights.
+        lock_image: keep the image tower fixed (LiT): no gradients, left out of the optimizer, and in eval mode
+            (norm statistics, dropout and drop path as at inference) throughout training.
+        lock_text: the same for the text tower.
     """
 
     def __init__(
@@ -88,6 +98,10 @@ class CLIPModule(L.LightningModule):
         max_logit_scale: float = 100.0,
         micro_batch_size: Optional[int] = None,
         compile_towers: bool = False,
+        tokenizer: Optional[str] = None,
+        pretrained_path: Optional[str] = None,
+        lock_image: bool = False,
+        lock_text: bool = False,
     ):
         super().__init__()
         for name, encoder in (("image_encoder", image_encoder), ("text_encoder", text_encoder)):
@@ -109,12 +123,18 @@ class CLIPModule(L.LightningModule):
             raise ValueError(f"loss must be 'infonce' or 'siglip', got {loss!r}")
         if micro_batch_size is not None and micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be a positive integer or null, got {micro_batch_size}")
+        if lock_image and lock_text and embed_dim is None:
+            raise ValueError("lock_image and lock_text together leave only the logit scale to train: set embed_dim "
+                             "to train projections on top of the locked towers, or unlock one tower")
 
         # Under LightningCLI the towers' class_path/init_args land in the hyperparameters as plain data, which
         # is what lets `load_model` rebuild the model from a checkpoint loaded with weights_only=True. Towers
         # built in Python are modules, not data, so they are left out (pass them to load_model yourself).
         built_by_cli = _given_hyperparameters.get() is not None
-        self.save_hyperparameters(ignore=None if built_by_cli else ["image_encoder", "text_encoder"])
+        ignore = [] if built_by_cli else ["image_encoder", "text_encoder"]
+        if tokenizer is None:  # Lightning refuses a model and a datamodule `tokenizer` hparam that differ
+            ignore.append("tokenizer")
+        self.save_hyperparameters(ignore=ignore)
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
         self.embed_dim = embed_dim if embed_dim is not None else image_encoder.width
@@ -135,6 +155,56 @@ class CLIPModule(L.LightningModule):
         self._grads_zeroed_in_step = False
         self.compile_towers = compile_towers
         self._last_step_time: Optional[float] = None
+
+        self.tokenizer_spec = tokenizer  # a path or "clip"; get_tokenizer() builds it on first use
+        self._tokenizer = None
+        self.pretrained_path = pretrained_path
+        self.lock_image, self.lock_text = lock_image, lock_text
+        for tower in self._locked_towers():
+            tower.requires_grad_(False)
+        self.train()  # puts the locked towers in eval mode
+
+    # ------------------------------------------------------------------ tokenizer, preprocessing, weights
+    def get_tokenizer(self):
+        """The model's :class:`~rwkv_clip.tokenizer.Tokenizer`, padding to the text tower's ``context_length``."""
+        if self._tokenizer is None:
+            if self.tokenizer_spec is None:
+                raise ValueError(
+                    "this model has no tokenizer: set model.init_args.tokenizer (a tokenizer.json, CLIP's merges "
+                    "file, or 'clip'), or pass tokenizer=... to load_model"
+                )
+            from rwkv_clip.tokenizer import Tokenizer
+
+            self._tokenizer = Tokenizer.load(self.tokenizer_spec, getattr(self.text_encoder, "context_length", 77))
+        return self._tokenizer
+
+    def get_preprocess(self):
+        """CLIP's eval transform for PIL images at the image tower's training size: bicubic resize of the short
+        side, centre crop, CLIP mean/std."""
+        from rwkv_clip.datamodules.image_text import eval_transform
+
+        size = getattr(self.image_encoder, "img_size", None)
+        if not isinstance(size, int):
+            raise ValueError(f"the image tower ({type(self.image_encoder).__name__}) has no integer `img_size`, the "
+                             "resolution it was trained at; build the transform with "
+                             "rwkv_clip.datamodules.eval_transform(size)")
+        return eval_transform(size)
+
+    def load_pretrained(self, path: str) -> None:
+        """Copy the weights of a checkpoint (ours or an official RWKV-CLIP file) into this model, strictly."""
+        from rwkv_clip.inference import load_weights, read_weights
+
+        with torch.no_grad():
+            load_weights(self, read_weights(path), path)
+
+    def _locked_towers(self) -> list[nn.Module]:
+        return [t for t, locked in ((self.image_encoder, self.lock_image), (self.text_encoder, self.lock_text)) if locked]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for tower in self._locked_towers():  # Lightning switches modes around validation: keep these in eval
+            tower.eval()
+        return self
 
     # ----------------------------------------------------------------------------------------- inference
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
@@ -242,6 +312,9 @@ class CLIPModule(L.LightningModule):
             self.text_encoder.compile()
 
     def on_fit_start(self):
+        # After any --ckpt_path restore (which sets trainer.ckpt_path): a resumed run keeps its own weights.
+        if self.pretrained_path is not None and self.trainer.ckpt_path is None:
+            self.load_pretrained(self.pretrained_path)
         if self.trainer.accumulate_grad_batches > 1:
             raise ValueError(
                 f"trainer.accumulate_grad_batches={self.trainer.accumulate_grad_batches} would give each "

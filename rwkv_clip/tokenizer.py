@@ -5,7 +5,8 @@ Every flavour returns the same thing: ``tok(texts) -> LongTensor (N, context_len
 (text towers that pool at the last real token need it).
 
     tok = Tokenizer.load("data/demo/tokenizer.json")            # a tokenizers JSON file
-    tok = Tokenizer.load("bpe_simple_vocab_16e6.txt.gz")        # CLIP's merges -> 49408 tokens
+    tok = Tokenizer.load("clip")                                # CLIP's BPE, merges read from open_clip
+    tok = Tokenizer.load("bpe_simple_vocab_16e6.txt.gz")        # CLIP's BPE from a merges file you give
     ids = tok(["a photo of a cat.", "a dog"])                   # (2, 77) int64
 
 Train a new one on the captions of a prepared LitData directory (all three text fields) or text files:
@@ -18,11 +19,13 @@ from __future__ import annotations
 import argparse
 import gzip
 import html
+import importlib.util
 import json
 import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 
+import ftfy
 import torch
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as _HFTokenizer
@@ -30,8 +33,10 @@ from tokenizers import Tokenizer as _HFTokenizer
 SOT, EOT, PAD = "<|startoftext|>", "<|endoftext|>", "<pad>"
 TEXT_FIELDS = ("text", "synthetic_caption", "generated_caption")
 
-# CLIP's pre-tokenisation pattern (applied after lower-casing, so no IGNORECASE is needed).
-_CLIP_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+# CLIP's pre-tokenisation pattern, case-insensitive as CLIP's (it matters after lower-casing too: "'ſ" matches 's).
+# CLIP's own pattern starts with its two special tokens; here text never produces them (see Tokenizer).
+_CLIP_PATTERN = r"""(?i)'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+CLIP_MERGES_FILE = "bpe_simple_vocab_16e6.txt.gz"
 
 # Start/end token spellings of common tokenizer.json files, tried in order when loading one.
 _SOT_NAMES = (SOT, "<s>", "<bos>", "[CLS]", "<|begin_of_text|>")
@@ -52,10 +57,33 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-def _clean(text: str) -> str:
-    # CLIP also runs ftfy.fix_text here; ftfy is not a dependency, so only the HTML unescaping is done.
-    # Lower-casing and whitespace collapsing happen in the tokenizers normalizer.
-    return html.unescape(html.unescape(text))
+def clean_text(text: str, lowercase: bool = True) -> str:
+    """OpenAI CLIP's (and open_clip's) text cleaning: ftfy's repair, HTML unescaped twice, whitespace collapsed,
+    then lower-cased with Python's ``str.lower`` (full Unicode casing, e.g. a word-final capital sigma gives ς)."""
+    text = ftfy.fix_text(text)
+    text = html.unescape(html.unescape(text))
+    text = " ".join(text.split())
+    return text.lower() if lowercase else text
+
+
+def clip_merges_path() -> str:
+    """Path of CLIP's BPE merges as shipped inside the installed ``open_clip`` package (not imported, only found)."""
+    spec = importlib.util.find_spec("open_clip")
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = os.path.join(folder, CLIP_MERGES_FILE)
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(
+        f"tokenizer 'clip' reads CLIP's BPE merges ({CLIP_MERGES_FILE}) from the open_clip package, which is not "
+        "installed: `pip install open_clip_torch`, or give the path of the merges file instead of 'clip'"
+    )
+
+
+def _lowercases(tok: _HFTokenizer) -> bool:
+    """Whether a tokenizer's normalizer lower-cases (then the text is lower-cased in Python first, as CLIP does)."""
+    spec = json.loads(tok.to_str()).get("normalizer") or {}
+    text = json.dumps(spec)
+    return '"type": "Lowercase"' in text or '"lowercase": true' in text
 
 
 class Tokenizer:
@@ -78,6 +106,9 @@ class Tokenizer:
         # Padding and truncation are done here (to keep eot), so turn off whatever the JSON file asked for.
         self._tok.no_padding()
         self._tok.no_truncation()
+        # Special tokens are placed by id, never read from the text: a caption that spells "<|endoftext|>" is text.
+        self._tok.encode_special_tokens = True
+        self.lowercase = _lowercases(tokenizer)
         self.sot_id, self.eot_id, self.pad_id = int(sot_id), int(eot_id), int(pad_id)
         self.context_length = int(context_length)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
@@ -113,10 +144,11 @@ class Tokenizer:
         """Build OpenAI CLIP's tokenizer from its merges file ``bpe_simple_vocab_16e6.txt.gz``.
 
         Vocabulary (49408): 256 byte tokens, the same with ``</w>``, 48894 merges, then sot (49406) and eot (49407).
-        Padding uses id 0, as in CLIP.
+        Padding uses id 0, as in CLIP. The ids equal ``open_clip.tokenize`` (see the README for the exceptions).
         """
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"CLIP merges file {path!r} does not exist (bpe_simple_vocab_16e6.txt.gz from OpenAI CLIP)")
+            raise FileNotFoundError(f"CLIP merges file {path!r} does not exist ({CLIP_MERGES_FILE} from OpenAI CLIP or "
+                                    "open_clip); `Tokenizer.load('clip')` reads it from an installed open_clip")
         opener = gzip.open if path.endswith(".gz") else open
         with opener(path, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")
@@ -129,8 +161,9 @@ class Tokenizer:
         vocab = {t: i for i, t in enumerate(tokens)}
         bpe = models.BPE(vocab=vocab, merges=merges, end_of_word_suffix="</w>", continuing_subword_prefix="", fuse_unk=False)
         tok = _HFTokenizer(bpe)
-        tok.normalizer = normalizers.Sequence([
-            normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip(), normalizers.Lowercase()])
+        # clean_text does CLIP's cleaning in Python; the normalizer only marks the tokenizer as lower-casing (and
+        # lower-cases for anyone using the JSON file alone). No NFC: CLIP does not normalise after unescaping HTML.
+        tok.normalizer = normalizers.Lowercase()
         tok.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(_CLIP_PATTERN), behavior="removed", invert=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
@@ -141,12 +174,16 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str, context_length: int = 77) -> "Tokenizer":
-        """``.json`` -> :meth:`from_file`; CLIP merges ``.txt``/``.txt.gz`` -> :meth:`from_clip_merges`."""
+        """``.json`` -> :meth:`from_file`; CLIP merges ``.txt``/``.txt.gz`` -> :meth:`from_clip_merges`;
+        ``"clip"`` -> CLIP's merges from the installed open_clip package (``pip install open_clip_torch``)."""
+        if path == "clip":
+            return cls.from_clip_merges(clip_merges_path(), context_length)
         if path.endswith(".json"):
             return cls.from_file(path, context_length)
         if path.endswith((".txt", ".txt.gz", ".gz")):
             return cls.from_clip_merges(path, context_length)
-        raise ValueError(f"unknown tokenizer file type {path!r}: give a tokenizer.json or CLIP's bpe_simple_vocab_16e6.txt.gz")
+        raise ValueError(f"unknown tokenizer file type {path!r}: give a tokenizer.json, CLIP's {CLIP_MERGES_FILE}, "
+                         "or 'clip' (CLIP's BPE from the installed open_clip package)")
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int = 1024, min_frequency: int = 2,
@@ -166,7 +203,7 @@ class Tokenizer:
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[PAD, SOT, EOT],
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress)
-        tok.train_from_iterator((_clean(t) for t in texts if t), trainer=trainer)
+        tok.train_from_iterator((clean_text(t) for t in texts if t), trainer=trainer)
         return cls(tok, tok.token_to_id(SOT), tok.token_to_id(EOT), tok.token_to_id(PAD), context_length)
 
     def save(self, path: str) -> None:
@@ -176,7 +213,7 @@ class Tokenizer:
     # ---------------------------------------------------------------- encode / decode
     def encode(self, text: str) -> list[int]:
         """Token ids of one text without start/end tokens and without truncation."""
-        return self._tok.encode(_clean(text), add_special_tokens=False).ids
+        return self._tok.encode(clean_text(text, self.lowercase), add_special_tokens=False).ids
 
     def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.Tensor:
         """``texts`` -> LongTensor (N, context_length): sot, tokens, eot, then ``pad_id``. A str gives N = 1."""
@@ -187,9 +224,9 @@ class Tokenizer:
             raise ValueError(f"context_length must be >= 2, got {length}")
         out = torch.full((len(texts), length), self.pad_id, dtype=torch.long)
         if len(texts) == 1:  # avoid encode_batch's thread pool for the per-sample path in loader workers
-            encodings = [self._tok.encode(_clean(texts[0]), add_special_tokens=False)]
+            encodings = [self._tok.encode(clean_text(texts[0], self.lowercase), add_special_tokens=False)]
         else:
-            encodings = self._tok.encode_batch([_clean(t) for t in texts], add_special_tokens=False)
+            encodings = self._tok.encode_batch([clean_text(t, self.lowercase) for t in texts], add_special_tokens=False)
         for row, enc in enumerate(encodings):
             ids = [self.sot_id] + enc.ids[: length - 2] + [self.eot_id]  # truncation keeps eot
             out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)

@@ -1,18 +1,23 @@
-"""Tokenizer: CLIP's BPE from its merges file, tokenizer.json files, training, and the sot/eot/pad layout."""
+"""Tokenizer: CLIP's BPE (ids equal open_clip's), tokenizer.json files, training, and the sot/eot/pad layout.
 
+The CLIP tests read the merges that open_clip ships and compare with ``open_clip.tokenize``; open_clip comes with
+the dev extra (``pip install -e ".[dev]"``).
+"""
+
+import importlib.util
 import io
 import json
-from pathlib import Path
+import random
 
 import pytest
 import torch
 from PIL import Image
 
 from rwkv_clip.backbones.utils import padding_mask
-from rwkv_clip.tokenizer import Tokenizer, main
+from rwkv_clip.tokenizer import Tokenizer, clip_merges_path, main
 
-CLIP_MERGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "bpe_simple_vocab_16e6.txt.gz"
-needs_clip = pytest.mark.skipif(not CLIP_MERGES.is_file(), reason=f"reference data {CLIP_MERGES} not present")
+HAVE_OPEN_CLIP = importlib.util.find_spec("open_clip") is not None
+needs_clip = pytest.mark.skipif(not HAVE_OPEN_CLIP, reason='open_clip is not installed: pip install -e ".[dev]"')
 
 CAPTIONS = [
     "a red circle on a gray background.", "a blue square on a white background.", "IMG_2034 jpg red circl",
@@ -22,9 +27,9 @@ CAPTIONS = [
 
 @pytest.fixture(scope="module")
 def clip_tok():
-    if not CLIP_MERGES.is_file():
-        pytest.skip(f"reference data {CLIP_MERGES} not present")
-    return Tokenizer.from_clip_merges(str(CLIP_MERGES))
+    if not HAVE_OPEN_CLIP:
+        pytest.skip('open_clip is not installed: pip install -e ".[dev]"')
+    return Tokenizer.load("clip")
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +52,74 @@ def test_clip_vocabulary_and_known_ids(clip_tok):
     # CLIP lower-cases, collapses whitespace and unescapes HTML.
     assert torch.equal(clip_tok("  A PHOTO\n of a\tCat. ")[0], clip_tok("a photo of a cat.")[0])
     assert torch.equal(clip_tok("cats &amp; dogs")[0], clip_tok("cats & dogs")[0])
+    # The same merges through a path the user gives.
+    from_path = Tokenizer.load(clip_merges_path())
+    assert torch.equal(from_path(CAPTIONS[:6]), clip_tok(CAPTIONS[:6]))
+
+
+# Each kind of text where a tokenizer can quietly differ from CLIP's cleaning.
+HARD_TEXTS = [
+    "", "   ", "a photo of a cat.", "Hello   World\n\tagain\r\n",
+    "schÃ¶n Ã©tÃ© Ã  Paris", "â€œquotedâ€\x9d and donâ€™t",                       # mojibake
+    "The Café’s “special” — don’t ‘quote’", "don't I'LL we'Re",                  # curly quotes, contractions
+    "ﬁsh ﬂour oﬀice", "ＦＵＬＬ　ＷＩＤＴＨ　ｔｅｘｔ　１２３！",                           # ligatures, full width
+    "ctrl\x00\x07\x1b[31mred\x1b[0m \x1c\x1d\x1e\x1fsep", "zero\u200bwidth soft\u00adhyphen bom\ufeffhere",
+    "\u2028line\u2029para\u0085nel\u00a0nbsp\u3000ideo",                          # control / format / spaces
+    "ΟΔΟΣ ΣΑΣ Σ ΣΑ ὈΔΥΣΣΕΎΣ", "İstanbul ǅ ß ẞ",                                  # final sigma, special casing
+    "cats &amp; dogs &lt;b&gt; &amp;amp; &#39;x&#39; &eacute; &nbsp;! e&#769;",     # HTML entities (twice)
+    "<|endoftext|> <|startoftext|> <b>bold</b>", "😀👍🏽 🇫🇷 日本語のテキスト مرحبا १२३ ٤٥٦", "C++ & C# @ 3.14%",
+    "word " * 200, "x" * 500, "a\u0301b\u0327 e\u0301",                            # truncation, combining marks
+]
+
+
+@needs_clip
+def test_clip_ids_equal_open_clip(clip_tok):
+    import open_clip
+
+    ours, theirs = clip_tok(HARD_TEXTS), open_clip.tokenize(HARD_TEXTS)
+    for text, a, b in zip(HARD_TEXTS, ours, theirs):
+        assert torch.equal(a, b), (text, a[:12].tolist(), b[:12].tolist())
+    long = ours[HARD_TEXTS.index("word " * 200)]
+    assert long[0] == 49406 and long[-1] == 49407  # truncated at 77 with the end token last
+    assert ours[0, :3].tolist() == [49406, 49407, 0]  # the empty string
+
+    # Seeded random text from many scripts and the troublemakers above, a few thousand strings.
+    rng = random.Random(0)
+    blocks = [(0x0, 0x250), (0x370, 0x530), (0x600, 0x700), (0x900, 0x980), (0x2000, 0x2070), (0x3000, 0x3100),
+              (0x4E00, 0x4F00), (0xFB00, 0xFB07), (0xFF00, 0xFFF0), (0x1F300, 0x1F700)]
+    pieces = [" ", "  ", "S", "Σ", "'", "'LL", "&amp;", "&#39;", "Ã©", "â€™", "’", "\n"]
+    fuzz = []
+    for _ in range(2000):
+        chars = []
+        for _ in range(rng.randint(0, 24)):
+            lo, hi = rng.choice(blocks)
+            chars.append(chr(rng.randrange(lo, hi)) if rng.random() < 0.6 else rng.choice(pieces))
+        fuzz.append("".join(chars))
+    ours, theirs = clip_tok(fuzz), open_clip.tokenize(fuzz)
+    differ = [text for text, a, b in zip(fuzz, ours, theirs) if not torch.equal(a, b)]
+    assert not differ, differ[:5]
+
+
+@needs_clip
+def test_clip_deliberate_differences_from_open_clip(clip_tok):
+    """The documented exceptions: text never produces a special token, and U+0345 is kept."""
+    import open_clip
+
+    # open_clip turns the literal text "<end_of_text>" into its end token; here it stays text.
+    assert open_clip.tokenize("<end_of_text>")[0, :3].tolist() == [49406, 49407, 49407]
+    ids = clip_tok("<end_of_text>")[0]
+    assert (ids == 49407).sum() == 1 and ids[1] != 49407
+    # open_clip's case-insensitive regex drops U+0345 (combining ypogegrammeni); it is kept here.
+    assert open_clip.tokenize("a\u0345b")[0, :4].tolist() == [49406, 320, 321, 49407]
+    assert len(clip_tok.encode("a\u0345b")) > 2
+
+
+def test_clip_merges_missing_gives_the_way_out(monkeypatch):
+    import importlib.util as util
+
+    monkeypatch.setattr(util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install open_clip_torch"):
+        Tokenizer.load("clip")
 
 
 @needs_clip
@@ -67,7 +140,7 @@ def test_clip_tokenizer_saves_as_json(clip_tok, tmp_path):
     clip_tok.save(str(path))
     again = Tokenizer.load(str(path))
     assert (again.vocab_size, again.sot_id, again.eot_id, again.pad_id) == (49408, 49406, 49407, 0)
-    assert torch.equal(again("a photo of a cat.")[0], clip_tok("a photo of a cat.")[0])
+    assert torch.equal(again(HARD_TEXTS), clip_tok(HARD_TEXTS))  # the JSON keeps CLIP's cleaning and lower-casing
 
 
 # ---------------------------------------------------------------- trained BPE

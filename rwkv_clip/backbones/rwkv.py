@@ -267,6 +267,7 @@ class VisionRWKV(nn.Module):
         if head_size % 4 != 0:
             raise ValueError(f"head_size ({head_size}) must be a multiple of 4: Q-Shift splits each head in quarters")
         self.width = width
+        self.img_size = img_size
         self.patch_size = patch_size
         self.in_chans = in_chans
         self.head_size = head_size

@@ -84,6 +84,7 @@ class TimmViT(nn.Module):
             if not hasattr(self.model, attr):
                 raise ValueError(f"TimmViT: timm model {model_name!r} has no {attr!r}; use a timm Vision Transformer.")
         self.model_name = model_name
+        self.img_size = img_size
         self.width: int = int(getattr(self.model, "head_hidden_size", self.model.num_features))
         self.patch_size = self.model.patch_embed.patch_size if hasattr(self.model, "patch_embed") else None
         if pretrained_path is not None:
