@@ -220,10 +220,6 @@ def test_missing_set_names_the_layout_and_where_to_get_it(name, tmp_path):
         with pytest.raises(ModuleNotFoundError, match="scipy"):
             load(cfg)
         return
-    if name == "mscoco_captions" and not HAS_COCO:
-        with pytest.raises(ModuleNotFoundError, match="pycocotools"):
-            load(cfg)
-        return
     with pytest.raises(FileNotFoundError, match=r"not found under root=.*expected .*Get it from"):
         load(cfg)
 
