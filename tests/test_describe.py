@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from rwkv_clip.describe import (PromptTemplate, backoff_delay, check_answer, clean_answer, describe,
-                                normalize_tags)
+from rwkv_clip.describe import PromptTemplate, backoff_delay, check_answer, clean_answer, describe
+from rwkv_clip.schema import format_tags
 from rwkv_clip.describe.client import FatalBackendError
 from rwkv_clip.describe.testing import MockChatServer, mock_answer
 
@@ -22,7 +22,7 @@ TEMPLATE = PromptTemplate.from_file(None, 40)
 
 def expected_answer(row: dict) -> str:
     return mock_answer(TEMPLATE.render(row.get("text", ""), row.get("synthetic_caption", ""),
-                                       normalize_tags(row.get("tags"))))
+                                       format_tags(row.get("tags"))))
 
 
 def make_rows(n: int, markers: dict = None) -> list:
@@ -112,10 +112,10 @@ def test_template_placeholders(tmp_path):
     assert "at most 40 words" in default and "none of the three" in default
 
 
-def test_normalize_tags():
-    assert normalize_tags("dog | ball|Dog ; grass") == "dog, ball, grass"
-    assert normalize_tags(["cat", " sofa "]) == "cat, sofa"
-    assert normalize_tags(None) == ""
+def test_format_tags():
+    assert format_tags("dog | ball|Dog ; grass") == "dog, ball, grass"
+    assert format_tags(["cat", " sofa "]) == "cat, sofa"
+    assert format_tags(None) == ""
 
 
 def test_backoff_grows_with_jitter():
@@ -337,7 +337,7 @@ def test_instruction_data(server, tmp_path):
 
 
 def _write_litdata(root: Path, n: int, image=lambda i: bytes([0xFF, 0xD8, 0xFF]) + bytes([i]) * 40) -> list:
-    """A prepared LitData dataset with the INTERFACES.md schema."""
+    """A prepared LitData dataset with the schema of rwkv_clip.schema."""
     from litdata.streaming.writer import BinaryWriter
     w = BinaryWriter(str(root), chunk_bytes="1MB")
     samples = []
