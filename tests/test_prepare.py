@@ -405,7 +405,7 @@ def test_interrupted_append_resumes_instead_of_appending_twice(tmp_path, monkeyp
         [f"o{i}" for i in range(4)] + [f"t{i}" for i in range(12)])
 
 
-# ----------------------------------------------------------------------------------------------- no accidental duplicates
+# ------------------------------------------------------------------------------------------- no accidental duplicates
 
 def test_append_skips_keys_already_in_the_dataset(tmp_path):
     _img(tmp_path / "a.jpg", (16, 16))

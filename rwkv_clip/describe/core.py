@@ -77,6 +77,8 @@ def describe(
     all retries: generated_caption = ""), a `reason`, and `row` (its 0-based index in the input). Rows are
     appended in completion order and fsync'ed every `flush_every` rows; a killed run continues with
     `--resume true`, skipping the rows already done. A summary is printed and saved as OUTPUT.describe.json.
+    Input rows that cannot be read (bad JSON, a malformed CSV row, invalid UTF-8) are counted as failed and
+    listed with their file and line.
 
     Args:
         input: CSV/TSV, JSONL or Parquet file, or a prepared LitData directory, with columns text,
@@ -117,8 +119,8 @@ def describe(
         resume: Continue an existing output: keep its finished rows, redo the rest.
         retry_failed: With --resume, retry the rows an earlier run marked failed.
         flush_every: Flush and fsync the output after this many rows (and at least every 5 s).
-        max_consecutive_failures: Stop the run (resumable) after this many failed rows in a row, e.g. when the
-            server is down; 0 = never.
+        max_consecutive_failures: Stop the run (resumable) after this many failed requests in a row, e.g. when
+            the server is down (rows that need no request do not interrupt the streak); 0 = never.
         sample: Only process this many rows, drawn uniformly at random (seeded) from the input.
         seed: Seed for --sample.
         instruction_data: Also write the accepted (prompt, answer) pairs as a JSON file for instruction tuning
