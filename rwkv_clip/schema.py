@@ -1,5 +1,5 @@
-"""The data schema of rwkv-clip, in one place: what a prepared sample holds, how tags are written, and how a
-prepared LitData directory is opened without running code stored in it.
+"""The data schema of rwkv-clip, in one place: what a prepared sample holds, which input column feeds each field,
+how tags are written, and how a prepared LitData directory is opened without running code stored in it.
 
 A prepared sample (written by ``python -m rwkv_clip.datamodules.prepare``) is a dict:
 
@@ -18,16 +18,94 @@ only read tables start at once.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 KEY = "key"
 IMAGE = "image"
+TEXT = "text"
+SYNTHETIC_CAPTION = "synthetic_caption"
+GENERATED_CAPTION = "generated_caption"
 TAGS = "tags"
 LABEL = "label"
-TEXT_FIELDS = ("text", "synthetic_caption", "generated_caption")  # the three texts a training sample draws from
+TEXT_FIELDS = (TEXT, SYNTHETIC_CAPTION, GENERATED_CAPTION)  # the three texts a training sample draws from
+SAMPLE_FIELDS = (KEY, IMAGE, *TEXT_FIELDS, TAGS)  # a prepared sample, in its stored order
+
+
+def clean_text(value: Any) -> str:
+    """A table cell as a stripped string; a missing cell (None, NaN) as ``""``."""
+    if value is None:
+        return ""
+    if isinstance(value, float) and value != value:  # NaN from pandas-written tables
+        return ""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
+    return str(value).strip()
+
+
+# ---------------------------------------------------------------------------------------------------- columns
+
+@dataclasses.dataclass(frozen=True)
+class Columns:
+    """Which input column (or sidecar JSON key) holds each sample field.
+
+    ``Columns(text="title")`` reads the sample's ``text`` from the column ``title``; the commands set it with
+    ``--text_key title`` (``--id_key`` for ``key``).
+    """
+
+    key: str = KEY
+    image: str = IMAGE
+    text: str = TEXT
+    synthetic_caption: str = SYNTHETIC_CAPTION
+    generated_caption: str = GENERATED_CAPTION
+    tags: str = TAGS
+
+    @staticmethod
+    def flag(field: str) -> str:
+        """The command-line option that names the column of ``field``."""
+        return "--id_key" if field == KEY else f"--{field}_key"
+
+    def get(self, row: dict[str, Any], field: str) -> Any:
+        return row.get(getattr(self, field))
+
+    def rename(self, row: dict[str, Any]) -> dict[str, Any]:
+        """The row with each mapped column under its field's name; other columns are kept as they are."""
+        out = dict(row)
+        for f in dataclasses.fields(self):
+            column = getattr(self, f.name)
+            if column != f.name and column in out:
+                out[f.name] = out.pop(column)
+        return out
+
+    def check(self, found: Sequence[str], where: str, required: Sequence[str] = (),
+              any_of: Sequence[str] = ()) -> list[str]:
+        """Raise a ValueError naming ``where`` and the columns ``found`` when a ``required`` field's column is
+        missing, when none of ``any_of`` is there, or when a column the user renamed on purpose is not there.
+        Returns the optional fields whose column is absent."""
+        found = list(found)
+        for field in required:
+            column = getattr(self, field)
+            if column not in found:
+                raise ValueError(f"{where}: missing required column {column!r} ({field}); columns found: {found}. "
+                                 f"Rename the column or pass {self.flag(field)} <column>.")
+        if any_of and not any(getattr(self, f) in found for f in any_of):
+            names = ", ".join(repr(getattr(self, f)) for f in any_of)
+            flags = ", ".join(self.flag(f) for f in any_of)
+            raise ValueError(f"{where} has none of the columns {names} (found: {found[:20]}); rename them with "
+                             f"{flags}")
+        absent = []
+        for f in dataclasses.fields(self):
+            column = getattr(self, f.name)
+            if column not in found:
+                if column != f.default:
+                    raise ValueError(f"{where}: column {column!r} given with {self.flag(f.name)} is not in the file; "
+                                     f"columns found: {found}")
+                absent.append(f.name)
+        return absent
+
 
 # ---------------------------------------------------------------------------------------------------- tags
 

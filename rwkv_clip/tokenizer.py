@@ -16,7 +16,6 @@ Train a new one on the captions of a prepared LitData directory (all three text 
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import html
 import importlib.util
@@ -30,8 +29,9 @@ import torch
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as _HFTokenizer
 
+from rwkv_clip.schema import TEXT_FIELDS, check_prepared_dir
+
 SOT, EOT, PAD = "<|startoftext|>", "<|endoftext|>", "<pad>"
-TEXT_FIELDS = ("text", "synthetic_caption", "generated_caption")
 
 # CLIP's pre-tokenisation pattern, case-insensitive as CLIP's (it matters after lower-casing too: "'ſ" matches 's).
 # CLIP's own pattern starts with its two special tokens; here text never produces them (see Tokenizer).
@@ -267,6 +267,7 @@ def iter_captions(inputs: Sequence[str], fields: Sequence[str] = TEXT_FIELDS) ->
                                  "prepare it with `python -m rwkv_clip.datamodules.prepare` or pass text files")
             from litdata import StreamingDataset
 
+            check_prepared_dir(path)  # refuses fields stored as pickle before litdata reads a sample
             ds = StreamingDataset(path)
             for i in range(len(ds)):
                 sample = ds[i]
@@ -284,32 +285,46 @@ def iter_captions(inputs: Sequence[str], fields: Sequence[str] = TEXT_FIELDS) ->
             raise FileNotFoundError(f"tokenizer training input {path!r} does not exist")
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m rwkv_clip.tokenizer", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train a byte-level BPE on captions and write a tokenizer.json")
-    p.add_argument("--input", nargs="+", required=True,
-                   help="prepared LitData directories and/or text files (one caption per line)")
-    p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size including the 3 special tokens")
-    p.add_argument("--min-frequency", type=int, default=2, help="minimum pair count for a merge")
-    p.add_argument("--fields", nargs="+", default=list(TEXT_FIELDS), help="text fields read from LitData samples")
-    p.add_argument("--output", required=True, help="where to write tokenizer.json")
-    p = sub.add_parser("encode", help="print the token ids of a text")
-    p.add_argument("--tokenizer", required=True)
-    p.add_argument("--context-length", type=int, default=77)
-    p.add_argument("text")
-    args = parser.parse_args(argv)
-    if args.command == "train":
-        tok = Tokenizer.train(iter_captions(args.input, args.fields), vocab_size=args.vocab_size,
-                              min_frequency=args.min_frequency, show_progress=sys.stderr.isatty())
-        tok.save(args.output)
-        print(f"wrote {args.output}: {tok}")
-    else:
-        tok = Tokenizer.load(args.tokenizer, args.context_length)
-        ids = tok(args.text)[0]
-        print(json.dumps(ids[: int((ids != tok.pad_id).nonzero().max()) + 1].tolist()))
+def train_tokenizer(input: list[str], output: str, vocab_size: int = 8192, min_frequency: int = 2,
+                    fields: list[str] = list(TEXT_FIELDS)) -> Tokenizer:
+    """Train a byte-level BPE on captions and write a tokenizer.json.
+
+    Args:
+        input: Prepared LitData directories and/or text files (one caption per line).
+        output: Where to write tokenizer.json.
+        vocab_size: Vocabulary size including the 3 special tokens.
+        min_frequency: Minimum pair count for a merge.
+        fields: Text fields read from LitData samples.
+    """
+    tok = Tokenizer.train(iter_captions(input, fields), vocab_size=vocab_size, min_frequency=min_frequency,
+                          show_progress=sys.stderr.isatty())
+    tok.save(output)
+    print(f"wrote {output}: {tok}")
+    return tok
+
+
+def encode_text(text: str, tokenizer: str, context_length: int = 77) -> list[int]:
+    """Print the token ids of a text (start and end tokens included, padding left out).
+
+    Args:
+        text: The text to encode.
+        tokenizer: A tokenizer.json or CLIP's bpe_simple_vocab_16e6.txt.gz.
+        context_length: Tokens per text, start and end included.
+    """
+    tok = Tokenizer.load(tokenizer, context_length)
+    ids = tok(text)[0]
+    ids = ids[: int((ids != tok.pad_id).nonzero().max()) + 1].tolist()
+    print(json.dumps(ids))
+    return ids
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m rwkv_clip.tokenizer {train,encode}``. Errors propagate (a traceback that names the input)."""
+    from rwkv_clip.command import run
+
+    return run({"train": train_tokenizer, "encode": encode_text}, argv, prog="python -m rwkv_clip.tokenizer",
+               positional=("text",), errors=())
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

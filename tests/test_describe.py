@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from rwkv_clip.describe import (PromptTemplate, backoff_delay, check_answer, clean_answer, describe,
-                                normalize_tags)
+from rwkv_clip.describe import PromptTemplate, backoff_delay, check_answer, clean_answer, describe
+from rwkv_clip.schema import format_tags
 from rwkv_clip.describe.client import FatalBackendError
 from rwkv_clip.describe.testing import MockChatServer, mock_answer
 
@@ -22,7 +22,7 @@ TEMPLATE = PromptTemplate.from_file(None, 40)
 
 def expected_answer(row: dict) -> str:
     return mock_answer(TEMPLATE.render(row.get("text", ""), row.get("synthetic_caption", ""),
-                                       normalize_tags(row.get("tags"))))
+                                       format_tags(row.get("tags"))))
 
 
 def make_rows(n: int, markers: dict = None) -> list:
@@ -112,10 +112,10 @@ def test_template_placeholders(tmp_path):
     assert "at most 40 words" in default and "none of the three" in default
 
 
-def test_normalize_tags():
-    assert normalize_tags("dog | ball|Dog ; grass") == "dog, ball, grass"
-    assert normalize_tags(["cat", " sofa "]) == "cat, sofa"
-    assert normalize_tags(None) == ""
+def test_format_tags():
+    assert format_tags("dog | ball|Dog ; grass") == "dog, ball, grass"
+    assert format_tags(["cat", " sofa "]) == "cat, sofa"
+    assert format_tags(None) == ""
 
 
 def test_backoff_grows_with_jitter():
@@ -337,7 +337,7 @@ def test_instruction_data(server, tmp_path):
 
 
 def _write_litdata(root: Path, n: int, image=lambda i: bytes([0xFF, 0xD8, 0xFF]) + bytes([i]) * 40) -> list:
-    """A prepared LitData dataset with the INTERFACES.md schema."""
+    """A prepared LitData dataset with the schema of rwkv_clip.schema."""
     from litdata.streaming.writer import BinaryWriter
     w = BinaryWriter(str(root), chunk_bytes="1MB")
     samples = []
@@ -439,3 +439,54 @@ def test_output_feeds_prepare(server, tmp_path, source):
     assert len(got) == n
     want = {r["key"]: r["generated_caption"] for r in read_out(out)}
     assert {g["key"]: g["generated_caption"] for g in got} == want and all(want.values())
+
+
+# ------------------------------------------------------------------------------------------------ the stages alone
+def test_stages_alone_and_another_field_plugs_in(tmp_path):
+    """read -> request -> record without describe(): a toy captioner writes synthetic_caption through the same
+    Runner, OutputWriter/Recorder and load_done that the LLM rewrite uses."""
+    from rwkv_clip.describe import (Backend, OutputPaths, OutputWriter, Outcome, Recorder, RequestFailed, RowReader,
+                                    Runner, Stage, Summary, load_done)
+    from rwkv_clip.schema import Columns
+
+    class Captioner(Backend):  # stands in for a vision server: one "caption" per image path
+        concurrency, batch_size = 3, 1
+
+        def complete_batch(self, batch):
+            if any("broken" in path for path in batch):
+                raise RequestFailed("HTTP 500: the image could not be decoded")
+            return [f"a photo of {path.rsplit('/', 1)[-1]}" for path in batch]
+
+    class CaptionStage(Stage):
+        field = "synthetic_caption"
+
+        def __init__(self, backend):
+            self.backend = backend
+
+        def plan(self, row):
+            return row["image"] or Outcome("fallback", row["text"], "no image")
+
+        def ask(self, requests):
+            return self.backend.complete_batch(requests)
+
+        def judge(self, row, request, answer):
+            return Outcome("generated", answer)
+
+    rows = [{"id": f"r{i}", "url": f"img/{'broken' if i == 4 else i}.jpg" if i != 2 else "", "text": f"t{i}"}
+            for i in range(7)]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    reader = RowReader(str(inp), Columns(key="id", image="url"))
+    assert len(reader) == 7 and next(reader.rows())[1]["image"] == str(tmp_path / "img" / "0.jpg")
+    paths = OutputPaths.choose(str(inp), reader.fmt, str(tmp_path / "captions.jsonl"), None, None)
+    summary = Summary(str(inp), paths.path, total=7)
+    recorder = Recorder(OutputWriter(paths, "synthetic_caption"), summary, flush_every=1, progress=False,
+                        keep_prompts=False)
+    Runner(CaptionStage(Captioner())).run(((i, row) for i, row, _ in reader.rows() if i < 5), recorder.record)
+    recorder.close()
+    got = {r["row"]: r for r in read_out(tmp_path / "captions.jsonl")}
+    assert sorted(got) == [0, 1, 2, 3, 4] and got[1]["synthetic_caption"] == "a photo of 1.jpg"
+    assert got[1]["key"] == "r1" and got[1]["image"] == "img/1.jpg"  # relative to the output, as prepare wants
+    assert (got[2]["status"], got[2]["reason"], got[4]["status"]) == ("fallback", "no image", "failed")
+    assert (summary.generated, summary.fallback, summary.failed) == (3, 1, 1)
+    done = load_done(paths.journal, paths.journal_fmt, 7, retry_failed=True)  # what a resume would skip
+    assert [i for i in range(7) if done.done[i]] == [0, 1, 2, 3] and done.dropped == 1

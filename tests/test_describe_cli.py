@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from rwkv_clip.describe.__main__ import main, normalize_argv
+from rwkv_clip.command import parse
+from rwkv_clip.describe import describe
+from rwkv_clip.describe.__main__ import main
 from rwkv_clip.describe.testing import MockChatServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,9 +36,14 @@ def test_help_documents_flags(capsys):
     assert "Requests in flight at once" in text  # per-flag help comes from the docstring
 
 
-def test_normalize_argv():
-    assert normalize_argv(["--text-key", "alt", "--resume", "--progress", "false", "--max-rows=3", "--resume"]) == \
-        ["--text_key", "alt", "--resume", "true", "--progress", "false", "--max_rows=3", "--resume", "true"]
+def test_dashes_bare_booleans_and_config_files(tmp_path):
+    kw = parse(describe, ["--input", "x.csv", "--text-key", "alt", "--resume", "--progress", "false", "--max-rows=3",
+                          "--resume"])
+    assert (kw["text_key"], kw["resume"], kw["progress"], kw["max_rows"]) == ("alt", True, False, 3)
+    cfg = tmp_path / "describe.yaml"
+    cfg.write_text("input: rows.csv\nconcurrency: 4\nextra_body: {top_p: 0.9}\ntext_key: title\n")
+    kw = parse(describe, ["--config", str(cfg), "--text_key", "alt"])  # the command line wins over the file
+    assert (kw["input"], kw["concurrency"], kw["extra_body"], kw["text_key"]) == ("rows.csv", 4, {"top_p": 0.9}, "alt")
 
 
 def test_kill_and_resume(tmp_path, capsys):

@@ -2,10 +2,15 @@
 
 import base64
 import csv
+import glob
 import io
 import json
 import os
+import multiprocessing
+import signal
 import tarfile
+import threading
+import time
 
 import pytest
 from PIL import Image
@@ -130,8 +135,9 @@ def test_jsonl_absolute_paths_data_uri_and_cli_flags(tmp_path, capsys):
     src.write_text("\n".join(json.dumps(r) for r in records) + "\n\nnot json\n")
     out = tmp_path / "out"
     # the CLI as a user types it: dashed and underscored spellings both work
-    summary = P.main(["--inputs", str(src), "--output-dir", str(out), "--text-key", "title", "--image_key", "img",
-                      "--id-key=id", "--max-side", "48", "--num_workers", "1", "--progress", "false"])
+    assert P.main(["--inputs", str(src), "--output-dir", str(out), "--text-key", "title", "--image_key", "img",
+                   "--id-key=id", "--max-side", "48", "--num_workers", "1", "--progress", "false"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
     got = _read(out / "train")
     assert sorted(got) == ["r1", "r2"]
     assert got["r1"]["text"] == "first" and got["r1"]["tags"] == "dog, ball"
@@ -305,7 +311,7 @@ def _rows_csv(tmp_path, n):
 def test_resume_after_failure_during_a_part(tmp_path, monkeypatch):
     path = _rows_csv(tmp_path, 50)
     out = tmp_path / "out"
-    real = P._optimize
+    real = P._write_part
     calls = []
 
     def flaky(*args, **kwargs):
@@ -314,7 +320,7 @@ def test_resume_after_failure_during_a_part(tmp_path, monkeypatch):
         if len(calls) == 5:
             raise RuntimeError("simulated crash")  # ... then the process dies before the commit
 
-    monkeypatch.setattr(P, "_optimize", flaky)
+    monkeypatch.setattr(P, "_write_part", flaky)
     opts = dict(val_fraction=0.2, part_size=10)
     with pytest.raises(RuntimeError, match="simulated crash"):
         _run(str(path), out, **opts)
@@ -325,7 +331,7 @@ def test_resume_after_failure_during_a_part(tmp_path, monkeypatch):
     assert 0 < partial < 40
     with pytest.raises(ValueError, match="interrupted run with other inputs or options"):
         _run(str(path), out, val_fraction=0.2, part_size=10, max_side=64)
-    monkeypatch.setattr(P, "_optimize", real)
+    monkeypatch.setattr(P, "_write_part", real)
     s = _run(str(path), out, **opts)  # same command: resumes
     train, val = _read(out / "train"), _read(out / "val")
     assert set(train) | set(val) == {f"rows-{i:09d}" for i in range(50) if i != 5}
@@ -339,7 +345,7 @@ def test_resume_after_crash_inside_commit(tmp_path, monkeypatch):
     """Chunks already moved into train/, but the state file never written: they must not be counted twice."""
     path = _rows_csv(tmp_path, 30)
     out = tmp_path / "out"
-    real = P._write_json_atomic
+    real = P.write_json_atomic
     commits = []
 
     def crashing(p, obj):
@@ -349,11 +355,11 @@ def test_resume_after_crash_inside_commit(tmp_path, monkeypatch):
                 raise OSError("disk gone")
         real(p, obj)
 
-    monkeypatch.setattr(P, "_write_json_atomic", crashing)
+    monkeypatch.setattr(P, "write_json_atomic", crashing)
     with pytest.raises(OSError, match="disk gone"):
         _run(str(path), out, part_size=10)
     n_files = len([f for f in os.listdir(out / "train") if f.endswith(".bin")])
-    monkeypatch.setattr(P, "_write_json_atomic", real)
+    monkeypatch.setattr(P, "write_json_atomic", real)
     _run(str(path), out, part_size=10, mode="resume")
     got = _read(out / "train")
     assert sorted(got) == [f"rows-{i:09d}" for i in range(30) if i != 5]
@@ -381,7 +387,7 @@ def test_interrupted_append_resumes_instead_of_appending_twice(tmp_path, monkeyp
                      fields=("image", "text"))
     out = tmp_path / "out"
     _run(str(one), out)
-    real, calls = P._optimize, []
+    real, calls = P._write_part, []
 
     def flaky(*args, **kwargs):
         calls.append(1)
@@ -389,11 +395,127 @@ def test_interrupted_append_resumes_instead_of_appending_twice(tmp_path, monkeyp
             raise RuntimeError("simulated crash")
         real(*args, **kwargs)
 
-    monkeypatch.setattr(P, "_optimize", flaky)
+    monkeypatch.setattr(P, "_write_part", flaky)
     with pytest.raises(RuntimeError):
         _run(str(two), out, mode="append", part_size=5)
-    monkeypatch.setattr(P, "_optimize", real)
+    monkeypatch.setattr(P, "_write_part", real)
     s = _run(str(two), out, mode="append", part_size=5)  # the same append again: finishes it, no duplicates
     assert s["dataset_total"]["train"] == 16
     assert sorted(v["text"] for v in _read(out / "train").values()) == sorted(
         [f"o{i}" for i in range(4)] + [f"t{i}" for i in range(12)])
+
+
+# ------------------------------------------------------------------------------------------- no accidental duplicates
+
+def test_append_skips_keys_already_in_the_dataset(tmp_path):
+    _img(tmp_path / "a.jpg", (16, 16))
+    first = _write_csv(tmp_path / "first.csv", [{"key": f"k{i}", "image": "a.jpg", "text": f"t{i}"} for i in range(3)],
+                       fields=("key", "image", "text"))
+    out = tmp_path / "out"
+    _run(str(first), out, val_fraction=0.3)
+    with pytest.raises(ValueError, match="wrote no sample.*already_in_dataset: 3"):
+        _run(str(first), out, mode="append", val_fraction=0.3)  # the same input again: nothing new
+    both = _write_csv(tmp_path / "both.csv", [{"key": f"k{i}", "image": "a.jpg", "text": f"t{i}"} for i in range(1, 5)],
+                      fields=("key", "image", "text"))
+    s = _run(str(both), out, mode="append", val_fraction=0.3)
+    assert s["written"]["train"] + s["written"]["val"] == 2 and s["skipped"] == {"already_in_dataset": 2}
+    got = {**_read(out / "train"), **(_read(out / "val") if (out / "val").exists() else {})}
+    assert sorted(got) == ["k0", "k1", "k2", "k3", "k4"]  # _read also asserts that no key repeats
+    assert sorted(r["key"] for r in _skipped(out) if r["reason"] == "already_in_dataset") == ["k1", "k2"]
+
+
+def test_duplicate_ids_in_one_input_are_flagged(tmp_path, capsys):
+    _img(tmp_path / "a.jpg", (16, 16))
+    rows = [{"id": k, "img": str(tmp_path / "a.jpg"), "text": f"text {i}"} for i, k in enumerate("abcab")]
+    src = tmp_path / "dup.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = _run(str(src), tmp_path / "out", id_key="id", image_key="img", part_size=2)
+    assert s["written"]["train"] == 5  # kept (they may be different pairs), but said
+    assert s["duplicate_keys"] == 2 and s["duplicate_key_examples"] == ["a", "b"]
+    assert "2 samples share their key" in capsys.readouterr().err
+
+
+def test_skipped_line_numbers_after_a_quoted_newline(tmp_path):
+    _img(tmp_path / "a.jpg", (16, 16))
+    path = _write_csv(tmp_path / "pairs.csv", [
+        {"image": "a.jpg", "text": "two\nlines"},       # lines 2-3
+        {"image": "gone.jpg", "text": "missing"},       # line 4
+        {"image": "a.jpg", "text": ""},                 # line 5: no caption
+    ], fields=("image", "text"))
+    _run(str(path), tmp_path / "out")
+    assert sorted(r["source"] for r in _skipped(tmp_path / "out")) == [f"{path}:4", f"{path}:5"]
+
+
+def test_malformed_csv_rows_are_skipped_with_their_lines(tmp_path):
+    _img(tmp_path / "a.jpg", (16, 16))
+    path = tmp_path / "pairs.csv"
+    path.write_bytes(b"image,text\n"
+                     b"a.jpg,fine\n"
+                     b"a.jpg,one,too many\n"
+                     b"a.jpg\n"
+                     b"a.jpg,caf\xe9\n"        # Latin-1
+                     b"\n"
+                     b"a.jpg,also fine\n")
+    s = _run(str(path), tmp_path / "out")
+    assert s["written"]["train"] == 2 and s["skipped"] == {"bad_row": 3}
+    errors = {r["source"]: r["error"] for r in _skipped(tmp_path / "out")}
+    assert "3 fields" in errors[f"{path}:3"] and "1 field" in errors[f"{path}:4"]
+    assert "UTF-8" in errors[f"{path}:5"]
+
+
+# ----------------------------------------------------------------------------------------------- the writer, Ctrl-C
+
+def test_write_samples_is_a_library_writer(tmp_path):
+    from rwkv_clip.schema import check_prepared_dir
+
+    samples = [{"key": f"s{i}", "image": _jpeg_bytes((8 + i, 8)), "text": f"t{i}", "label": i % 3} for i in range(40)]
+    assert P.write_samples(iter(samples), str(tmp_path / "a"), chunk_bytes="4KB") == 40
+    P.write_samples(iter(samples), str(tmp_path / "b"), chunk_bytes="4KB")
+    chunks = sorted(f for f in os.listdir(tmp_path / "a") if f.endswith(".bin"))
+    assert len(chunks) > 1 and sorted(os.listdir(tmp_path / "a")) == sorted(chunks + ["index.json"])
+    assert all((tmp_path / "a" / c).read_bytes() == (tmp_path / "b" / c).read_bytes() for c in chunks)  # same bytes
+    check_prepared_dir(str(tmp_path / "a"))  # only safe formats
+    assert list(litdata.StreamingDataset(str(tmp_path / "a"))) == samples  # nothing re-encoded
+    with pytest.raises(ValueError, match="already holds a LitData dataset"):
+        P.write_samples(iter(samples), str(tmp_path / "a"))
+
+
+def test_in_process_and_worker_processes_write_the_same_samples(tmp_path):
+    path = _rows_csv(tmp_path, 30)
+    signal_before = signal.getsignal(signal.SIGINT)
+    a = _run(str(path), tmp_path / "w0", num_workers=0, val_fraction=0.3, part_size=7)
+    b = _run(str(path), tmp_path / "w2", num_workers=2, val_fraction=0.3, part_size=7)
+    assert signal.getsignal(signal.SIGINT) is signal_before  # no Ctrl-C handler left behind
+    assert a["written"] == b["written"] and a["skipped"] == b["skipped"] == {"missing_file": 1}
+    for split in ("train", "val"):
+        x, y = _read(tmp_path / "w0" / split), _read(tmp_path / "w2" / split)
+        assert {k: v["text"] for k, v in x.items()} == {k: v["text"] for k, v in y.items()}
+
+
+def test_ctrl_c_stops_with_status_130_and_the_same_command_resumes(tmp_path, capsys):
+    path = _rows_csv(tmp_path, 60)
+    out = tmp_path / "out"
+    argv = ["--inputs", str(path), "--output_dir", str(out), "--num_workers", "2", "--part_size", "5",
+            "--progress", "false"]
+    main_thread = threading.main_thread().ident
+
+    def ctrl_c_after_the_first_part():
+        # once a part is committed and both workers of a later one are running: a Ctrl-C that lands inside
+        # fork() is swallowed by CPython (an exception in an at-fork hook), so it is not sent then
+        deadline = time.time() + 60
+        while time.time() < deadline and not ((out / "train" / "index.json").exists()
+                                              and glob.glob(str(out / ".prepare" / "staging" / "*" / "*" / "w1"))):
+            time.sleep(0.005)
+        signal.pthread_kill(main_thread, signal.SIGINT)
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, whatever was installed
+    try:
+        threading.Thread(target=ctrl_c_after_the_first_part, daemon=True).start()
+        assert P.main(argv) == 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert not multiprocessing.active_children()  # the workers were stopped
+    assert "Run the same command again" in capsys.readouterr().err
+    assert 1 <= len(json.loads((out / ".prepare" / "state.json").read_text())["runs"][-1]["parts"]) < 12
+    assert P.main(argv) == 0
+    assert sorted(_read(out / "train")) == [f"rows-{i:09d}" for i in range(60) if i != 5]

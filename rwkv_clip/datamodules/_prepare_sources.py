@@ -1,22 +1,19 @@
-"""Input readers and the per-sample worker for ``rwkv_clip.datamodules.prepare``.
+"""Input sources and the per-sample worker for ``rwkv_clip.datamodules.prepare``.
 
 The main process walks the inputs and cuts them into *units*: one row of a table or one image of a folder
 (cheap: texts and a path), or one Parquet row group holding image bytes / one WebDataset shard (heavy: the
 worker reads them itself, so image bytes never travel through the main process). Workers turn units into
-samples of the schema below and report bad rows instead of raising, so one bad image never stops a run.
+samples of `rwkv_clip.schema` and report bad rows instead of raising, so one bad image never stops a run.
 """
 
 from __future__ import annotations
 
-import base64
 import binascii
-import csv
 import dataclasses
 import hashlib
 import io
 import json
 import os
-import sys
 import tarfile
 import warnings
 from pathlib import Path
@@ -24,31 +21,13 @@ from typing import Any, Iterator, Optional
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-# The LitData sample schema (INTERFACES.md). Key order matters: litdata infers one data format per dataset.
-TEXT_FIELDS = ("text", "synthetic_caption", "generated_caption", "tags")
-CAPTION_FIELDS = ("text", "synthetic_caption", "generated_caption")  # a sample needs at least one of these
+from rwkv_clip.schema import (IMAGE, KEY, SAMPLE_FIELDS, TAGS, TEXT, TEXT_FIELDS, Columns, clean_text,
+                              format_tags)
+from rwkv_clip.tables import FORMAT_BY_SUFFIX, TABLE_FORMATS, Table, decode_data_uri, image_value, is_url
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-FORMAT_BY_EXT = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet",
-                 ".tar": "webdataset"}
-FORMATS = ("csv", "tsv", "jsonl", "parquet", "folder", "webdataset")
-
-
-@dataclasses.dataclass(frozen=True)
-class Columns:
-    """Where each schema field lives in the input (column names for tables, keys for sidecar JSON)."""
-
-    image: str = "image"
-    text: str = "text"
-    synthetic_caption: str = "synthetic_caption"
-    generated_caption: str = "generated_caption"
-    tags: str = "tags"
-    id: str = "key"
-
-    def text_columns(self) -> dict[str, str]:
-        return {f: getattr(self, f) for f in TEXT_FIELDS}
-
-
-DEFAULT_COLUMNS = Columns()
+FORMAT_BY_EXT = {**FORMAT_BY_SUFFIX, ".tar": "webdataset"}
+FORMATS = (*TABLE_FORMATS, "folder", "webdataset")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,53 +47,37 @@ def split_of(key: str, val_fraction: float) -> str:
     return "val" if h < val_fraction * 2.0**64 else "train"
 
 
-def clean_text(value: Any) -> str:
-    """Any cell (None, NaN, number, str) -> stripped str; missing -> ''."""
-    if value is None:
-        return ""
-    if isinstance(value, float) and value != value:  # NaN from pandas-written files
-        return ""
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", errors="replace")
-    return str(value).strip()
+def key_hash(key: str) -> int:
+    """A 64-bit hash of a sample key: what the dataset remembers of each key it holds, to skip them on append."""
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "big")
 
 
-def clean_tags(value: Any) -> str:
-    """Tags as one comma-separated string: accepts a list, a JSON list in a string, or a comma string."""
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        s = value.strip()
-        if s.startswith("["):
-            try:
-                parsed = json.loads(s)
-            except ValueError:
-                parsed = None
-            if isinstance(parsed, list):
-                value = parsed
-            else:
-                return ", ".join(t.strip() for t in s.split(",") if t.strip())
-        else:
-            return ", ".join(t.strip() for t in s.split(",") if t.strip())
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "ndarray":
-        return ", ".join(clean_text(t) for t in value if clean_text(t))
-    return clean_text(value)
+class KnownKeys:
+    """The keys a dataset held before this run, as a sorted array of :func:`key_hash` values in a ``.npy`` file
+    that every worker memory-maps (nothing is copied into the processes)."""
+
+    def __init__(self, path: Optional[str]) -> None:
+        self.path = path
+        self._hashes = None
+
+    def __contains__(self, key: str) -> bool:
+        if self.path is None:
+            return False
+        if self._hashes is None:
+            import numpy as np
+
+            self._hashes = np.load(self.path, mmap_mode="r")
+        h = key_hash(key)
+        i = int(self._hashes.searchsorted(h))
+        return i < len(self._hashes) and int(self._hashes[i]) == h
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "_hashes": None}
 
 
 def clean_texts(raw: dict[str, Any]) -> dict[str, str]:
-    out = {f: clean_text(raw.get(f)) for f in CAPTION_FIELDS}
-    out["tags"] = clean_tags(raw.get("tags"))
-    return out
-
-
-def decode_data_uri(value: str) -> Optional[bytes]:
-    """``data:image/...;base64,....`` -> bytes (None when ``value`` is not a base64 data URI)."""
-    if not value.startswith("data:"):
-        return None
-    head, _, payload = value.partition(",")
-    if ";base64" not in head:
-        raise ValueError("only base64 data URIs are supported")
-    return base64.b64decode(payload, validate=False)
+    """The three texts and the tags of a sample as stored: stripped strings, tags as ``"a, b, c"``."""
+    return {**{f: clean_text(raw.get(f)) for f in TEXT_FIELDS}, TAGS: format_tags(raw.get(TAGS))}
 
 
 def encode_image(src: "bytes | str", max_side: int, quality: int) -> bytes:
@@ -154,6 +117,8 @@ def image_error_reason(exc: BaseException) -> str:
     if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
         return "image_too_large"
     return "corrupt_image"
+
+
 
 
 # ------------------------------------------------------------------------------------------ source discovery
@@ -218,63 +183,41 @@ def fingerprint(sources: list[Source]) -> list[list[Any]]:
     return out
 
 
-def _missing_column_error(path: str, what: str, name: str, found: list[str], flag: str) -> ValueError:
-    return ValueError(
-        f"{path}: missing required column {name!r} ({what}); columns found: {found}. "
-        f"Rename the column or pass --{flag} <column>.")
-
-
-def _check_columns(path: str, found: list[str], cols: Columns, require_image: bool = True) -> None:
-    """Required columns must exist; optional ones only when the user renamed them on purpose."""
-    if require_image and cols.image not in found:
-        raise _missing_column_error(path, "the image path or bytes", cols.image, found, "image_key")
-    if cols.text not in found:
-        raise _missing_column_error(path, "the raw caption", cols.text, found, "text_key")
-    for f in ("synthetic_caption", "generated_caption", "tags"):
-        name = getattr(cols, f)
-        if name != getattr(DEFAULT_COLUMNS, f) and name not in found:
-            raise ValueError(f"{path}: column {name!r} given with --{f}_key is not in the file; "
-                             f"columns found: {found}")
-
-
 def preflight(src: Source, cols: Columns) -> None:
     """Check a table's columns before anything is written, so a bad input fails fast and leaves no state."""
-    if src.format in ("csv", "tsv"):
-        with open(src.path, newline="", encoding="utf-8-sig") as f:
-            header = next(csv.reader(f, delimiter="\t" if src.format == "tsv" else ","), None)
-        _check_columns(src.path, list(header or []), cols)
-    elif src.format == "jsonl":
-        for _ in _iter_jsonl(src.path, cols, os.path.dirname(src.path)):
-            break  # the first record is checked inside
-    elif src.format == "parquet":
-        _check_columns(src.path, _pyarrow().read_schema(src.path).names, cols)
+    if src.format in TABLE_FORMATS:
+        cols.check(Table(src.path, src.format).columns(), src.path, required=(IMAGE, TEXT))
 
 
-def _row_unit(key: str, image: Any, texts: dict[str, str], origin: str, base: str) -> dict[str, Any]:
-    """A cheap unit: texts plus an image reference (path string, or bytes from a data URI/binary cell)."""
-    if isinstance(image, dict):  # Hugging Face image struct {"bytes": ..., "path": ...}
-        image = image.get("bytes") or image.get("path")
-    if isinstance(image, str):
-        image = image.strip()
-        if image and not image.startswith("data:") and "://" not in image:
-            image = os.path.join(base, os.path.expanduser(image))  # absolute paths stay absolute
-    return {"kind": "row", "key": key, "image": image, "texts": texts, "origin": origin}
+def _row_unit(key: str, row: dict[str, Any], cols: Columns, origin: str, base: str) -> dict[str, Any]:
+    """A cheap unit: the texts and the image (bytes, or a path / URL / data URI string) of one table row."""
+    return {"kind": "row", "key": key, "image": image_value(cols.get(row, IMAGE), base), "origin": origin,
+            "texts": clean_texts({f: cols.get(row, f) for f in (*TEXT_FIELDS, TAGS)})}
 
 
 def _table_key(path: str, index: int, cols: Columns, row: dict[str, Any]) -> str:
-    v = clean_text(row.get(cols.id)) if cols.id in row else ""
-    return v or f"{Path(path).stem}-{index:09d}"
+    return clean_text(cols.get(row, KEY)) or f"{Path(path).stem}-{index:09d}"
 
 
 def iter_units(src: Source, cols: Columns, image_root: Optional[str]) -> Iterator[tuple[dict[str, Any], int]]:
     """Yield ``(unit, n_rows)`` for one source, in a deterministic order (resume relies on it)."""
     base = image_root or os.path.dirname(src.path)
-    if src.format in ("csv", "tsv"):
-        yield from _iter_csv(src.path, "\t" if src.format == "tsv" else ",", cols, base)
-    elif src.format == "jsonl":
-        yield from _iter_jsonl(src.path, cols, base)
-    elif src.format == "parquet":
-        yield from _iter_parquet(src.path, cols, base)
+    if src.format in TABLE_FORMATS:
+        table = Table(src.path, src.format)  # its columns were checked by preflight()
+        if src.format == "parquet" and table.column_is_binary(cols.image):
+            # image bytes: a worker reads each row group itself, so the bytes never pass through this process
+            wanted = [c for c in dict.fromkeys(getattr(cols, f) for f in SAMPLE_FIELDS) if c in table.columns()]
+            for rg, offset, n in table.row_groups():
+                yield {"kind": "parquet", "path": src.path, "row_group": rg, "offset": offset, "base": base,
+                       "columns": wanted, "origin": f"{src.path}#rg{rg}"}, n
+            return
+        for row in table:
+            if row.values is None:
+                yield {"kind": "bad", "key": f"{Path(src.path).stem}-{row.index:09d}", "origin": row.where,
+                       "reason": "bad_row", "error": row.error}, 1
+            else:
+                yield _row_unit(_table_key(src.path, row.index, cols, row.values), row.values, cols, row.where,
+                                base), 1
     elif src.format == "folder":
         for rel in _folder_images(src.path):
             stem = os.path.splitext(os.path.join(src.path, rel))[0]
@@ -286,73 +229,16 @@ def iter_units(src: Source, cols: Columns, image_root: Optional[str]) -> Iterato
         raise ValueError(f"unknown input format {src.format!r}; choose one of {list(FORMATS)}")
 
 
-def _iter_csv(path: str, delimiter: str, cols: Columns, base: str) -> Iterator[tuple[dict[str, Any], int]]:
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # base64 images make long cells
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        found = list(reader.fieldnames or [])
-        _check_columns(path, found, cols)
-        for i, row in enumerate(reader):
-            texts = clean_texts({f: row.get(c) for f, c in cols.text_columns().items()})
-            yield _row_unit(_table_key(path, i, cols, row), row.get(cols.image) or "", texts,
-                            f"{path}:{i + 2}", base), 1  # i + 2: the line number, header included
-
-
-def _iter_jsonl(path: str, cols: Columns, base: str) -> Iterator[tuple[dict[str, Any], int]]:
-    with open(path, encoding="utf-8-sig") as f:
-        i = -1
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            i += 1
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                if i == 0:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e}); JSONL needs one object per line") from e
-                yield {"kind": "bad", "key": f"{Path(path).stem}-{i:09d}", "origin": f"{path}:{lineno}",
-                       "reason": "bad_row", "error": f"invalid JSON: {e}"}, 1
-                continue
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
-            if i == 0:
-                _check_columns(path, list(row), cols)
-            texts = clean_texts({f: row.get(c) for f, c in cols.text_columns().items()})
-            yield _row_unit(_table_key(path, i, cols, row), row.get(cols.image) or "", texts,
-                            f"{path}:{lineno}", base), 1
-
-
-def _pyarrow():
+def estimate_rows(src: Source) -> int:
+    """Rows for the progress bar's total (lines for text tables: exact unless cells hold newlines)."""
     try:
-        import pyarrow.parquet as pq
-    except ImportError as e:
-        raise ImportError("reading Parquet needs pyarrow: `pip install pyarrow` (or convert the file to "
-                          "CSV/JSONL)") from e
-    return pq
-
-
-def _iter_parquet(path: str, cols: Columns, base: str) -> Iterator[tuple[dict[str, Any], int]]:
-    pq = _pyarrow()
-    import pyarrow as pa
-
-    pf = pq.ParquetFile(path)
-    schema = pf.schema_arrow
-    _check_columns(path, schema.names, cols)
-    itype = schema.field(cols.image).type
-    heavy = pa.types.is_binary(itype) or pa.types.is_large_binary(itype) or pa.types.is_struct(itype)
-    wanted = [c for c in dict.fromkeys([cols.id, cols.image, *cols.text_columns().values()]) if c in schema.names]
-    offset = 0
-    for rg in range(pf.metadata.num_row_groups):
-        n = pf.metadata.row_group(rg).num_rows
-        if heavy:  # image bytes: the worker reads the row group itself
-            yield {"kind": "parquet", "path": path, "row_group": rg, "offset": offset, "base": base,
-                   "columns": wanted, "origin": f"{path}#rg{rg}"}, n
-        else:  # paths: the row group is small, read it here and hand out rows
-            for j, row in enumerate(pf.read_row_group(rg, columns=wanted).to_pylist()):
-                texts = clean_texts({f: row.get(c) for f, c in cols.text_columns().items()})
-                yield _row_unit(_table_key(path, offset + j, cols, row), row.get(cols.image) or "", texts,
-                                f"{path}:row{offset + j}", base), 1
-        offset += n
+        if src.format in TABLE_FORMATS:
+            return Table(src.path, src.format).estimate_rows()
+        if src.format == "webdataset":
+            return count_tar(src.path)
+        return len(_folder_images(src.path))
+    except Exception:
+        return 0
 
 
 def _folder_images(root: str) -> list[str]:
@@ -388,43 +274,28 @@ def count_tar(path: str) -> int:
 
 # ------------------------------------------------------------------------------------------------ the worker
 
-class Unit:
-    """Opaque wrapper for a unit handed to ``litdata.optimize``. litdata scans plain inputs for strings that are
-    existing paths (and then insists every input has one); a leaf object keeps it out of our image paths."""
-
-    __slots__ = ("data",)
-
-    def __init__(self, data: dict[str, Any]) -> None:
-        self.data = data
-
-    def __getstate__(self) -> dict[str, Any]:
-        return self.data
-
-    def __setstate__(self, data: dict[str, Any]) -> None:
-        self.data = data
-
-
 class SampleWriter:
-    """The ``fn`` given to ``litdata.optimize``: a generator from one unit to its samples of one split.
+    """From one unit to its samples of one split (called in prepare's worker processes, or in the main one).
 
-    Bad rows are appended to ``skip_dir/skipped-<pid>.jsonl`` (one file per worker process, no locking needed)
-    and counted in ``progress`` (a shared counter the main process shows as a progress bar).
+    Every process appends the rows it skips to ``log_dir/skipped/<pid>.jsonl`` and the keys it writes to
+    ``log_dir/keys/<pid>.jsonl`` (one file per process, no locking needed), and counts rows in ``progress`` (a
+    shared counter the main process shows as a progress bar). Rows whose key is in ``known_keys`` (the dataset
+    already holds them) are skipped.
     """
 
     def __init__(self, split: str, val_fraction: float, max_side: int, quality: int, cols: Columns,
-                 skip_dir: str, progress: Any = None) -> None:
+                 log_dir: str, known_keys: Optional[str] = None, progress: Any = None) -> None:
         self.split, self.val_fraction, self.max_side, self.quality = split, val_fraction, max_side, quality
-        self.cols, self.skip_dir, self.progress = cols, skip_dir, progress
-        self._skip_file = None
+        self.cols, self.log_dir, self.progress = cols, log_dir, progress
+        self.known = KnownKeys(known_keys)
+        self._logs: dict[str, Any] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_skip_file"] = None
+        state["_logs"] = {}
         return state
 
-    # litdata detects generator functions through ``__call__``
-    def __call__(self, item: "Unit | dict[str, Any]") -> Iterator[dict[str, Any]]:
-        unit = item.data if isinstance(item, Unit) else item
+    def __call__(self, unit: dict[str, Any]) -> Iterator[dict[str, Any]]:
         kind = unit["kind"]
         if kind == "tar":
             yield from self._tar(unit)
@@ -440,14 +311,18 @@ class SampleWriter:
             with self.progress.get_lock():
                 self.progress.value += 1
 
+    def _log(self, name: str, record: Any) -> None:
+        f = self._logs.get(name)
+        if f is None:
+            os.makedirs(os.path.join(self.log_dir, name), exist_ok=True)
+            f = self._logs[name] = open(os.path.join(self.log_dir, name, f"{os.getpid()}.jsonl"), "a",
+                                        encoding="utf-8")
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.flush()
+
     def skip(self, key: str, origin: str, reason: str, error: str) -> None:
-        if self._skip_file is None:
-            os.makedirs(self.skip_dir, exist_ok=True)
-            self._skip_file = open(os.path.join(self.skip_dir, f"skipped-{os.getpid()}.jsonl"), "a",
-                                   encoding="utf-8")
-        rec = {"key": key, "source": origin, "split": self.split, "reason": reason, "error": error[:500]}
-        self._skip_file.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        self._skip_file.flush()
+        self._log("skipped", {"key": key, "source": origin, "split": self.split, "reason": reason,
+                              "error": error[:500]})
 
     def _one(self, unit: dict[str, Any]) -> Optional[dict[str, Any]]:
         """A row or folder unit (already routed to this split by the main process)."""
@@ -470,14 +345,17 @@ class SampleWriter:
             return None
 
     def _build(self, key: str, image: Any, texts: dict[str, str], origin: str) -> Optional[dict[str, Any]]:
-        if not any(texts[f] for f in CAPTION_FIELDS):
+        if key in self.known:
+            self.skip(key, origin, "already_in_dataset", f"the dataset already holds a sample with the key {key!r}")
+            return None
+        if not any(texts[f] for f in TEXT_FIELDS):
             self.skip(key, origin, "no_text", "text, synthetic_caption and generated_caption are all empty")
             return None
         if image is None or (isinstance(image, (str, bytes)) and len(image) == 0):
             self.skip(key, origin, "no_image", "the image field is empty")
             return None
         if isinstance(image, str):
-            if "://" in image:
+            if is_url(image):
                 self.skip(key, origin, "url", f"{image[:200]} is a URL: download the images first "
                                               "(e.g. with img2dataset) and prepare the local copy")
                 return None
@@ -496,7 +374,8 @@ class SampleWriter:
                 Image.DecompressionBombWarning, EOFError) as e:
             self.skip(key, origin, image_error_reason(e), f"{type(e).__name__}: {e}")
             return None
-        return {"key": key, "image": jpeg, **{f: texts[f] for f in TEXT_FIELDS}}
+        self._log("keys", key)
+        return {KEY: key, IMAGE: jpeg, **{f: texts[f] for f in SAMPLE_FIELDS[2:]}}
 
     def _sidecar(self, stem: str) -> Optional[dict[str, str]]:
         raw: dict[str, Any] = {}
@@ -514,14 +393,14 @@ class SampleWriter:
         if os.path.isfile(stem + ".txt"):
             found = True
             with open(stem + ".txt", encoding="utf-8", errors="replace") as f:
-                raw["text"] = f.read()  # .txt wins for the raw text
+                raw[TEXT] = f.read()  # .txt wins for the raw text
         return clean_texts(raw) if found else None
 
     def _from_meta(self, meta: dict[str, Any]) -> dict[str, Any]:
         """Sidecar JSON -> texts; img2dataset's JSON calls the alt-text ``caption``."""
-        raw = {f: meta.get(c) for f, c in self.cols.text_columns().items()}
-        if not clean_text(raw.get("text")):
-            raw["text"] = meta.get("caption")
+        raw = {f: self.cols.get(meta, f) for f in (*TEXT_FIELDS, TAGS)}
+        if not clean_text(raw.get(TEXT)):
+            raw[TEXT] = meta.get("caption")
         return raw
 
     def _tar(self, unit: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -545,7 +424,7 @@ class SampleWriter:
                 except ValueError:
                     pass  # a bad json sidecar just gives no extra texts
             if "txt" in group:
-                raw["text"] = group["txt"].decode("utf-8", errors="replace")
+                raw[TEXT] = group["txt"].decode("utf-8", errors="replace")
             try:
                 return self._build(key, group[img_ext], clean_texts(raw), origin)
             except Exception as e:
@@ -580,27 +459,24 @@ class SampleWriter:
                 self.skip(str(group_key or Path(path).stem), path, "corrupt_tar", f"{type(e).__name__}: {e}")
 
     def _parquet(self, unit: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        pq = _pyarrow()
-        cols, path = self.cols, unit["path"]
+        path = unit["path"]
         try:
-            rows = pq.ParquetFile(path).read_row_group(unit["row_group"], columns=unit["columns"]).to_pylist()
+            rows = Table(path, "parquet").read_row_group(unit["row_group"], unit["offset"], unit["columns"])
         except Exception as e:
             if self.split == "train":  # both splits' passes hit it: report it once
                 self.skip(f"{Path(path).stem}-rg{unit['row_group']}", unit["origin"], "corrupt_parquet",
                           f"{type(e).__name__}: {e}")
             return
-        for j, row in enumerate(rows):
-            key = _table_key(path, unit["offset"] + j, cols, row)
+        for row in rows:
+            key = _table_key(path, row.index, self.cols, row.values)
             if split_of(key, self.val_fraction) != self.split:
                 continue
             self._tick()
-            origin = f"{path}:row{unit['offset'] + j}"
             try:
-                texts = clean_texts({f: row.get(c) for f, c in cols.text_columns().items()})
-                r = _row_unit(key, row.get(cols.image), texts, origin, unit["base"])
-                sample = self._build(key, r["image"], texts, origin)
+                r = _row_unit(key, row.values, self.cols, row.where, unit["base"])
+                sample = self._build(key, r["image"], r["texts"], row.where)
             except Exception as e:
-                self.skip(key, origin, "error", f"{type(e).__name__}: {e}")
+                self.skip(key, row.where, "error", f"{type(e).__name__}: {e}")
                 continue
             if sample is not None:
                 yield sample

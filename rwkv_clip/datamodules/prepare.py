@@ -9,34 +9,46 @@ WebDataset ``.tar`` shards (img2dataset's layout). Output (``output_dir``)::
     summary.json      the counts of the last run and of the whole dataset
     .prepare/         resume state (state.json) and per-part skip lists; keep it to append/resume later
 
-Samples follow the schema in INTERFACES.md: {"key", "image" (JPEG bytes), "text", "synthetic_caption",
-"generated_caption", "tags"}, missing texts as "". The input is processed in *parts* of ``part_size`` rows; a
-part is packed by ``litdata.optimize`` into a staging folder and then committed (chunks moved in, then the state
-file replaced atomically, then index.json rebuilt from it). An interrupted run therefore resumes at the first
-uncommitted part, and every row ends up in the output exactly once.
+Samples follow ``rwkv_clip.schema``: {"key", "image" (JPEG bytes), "text", "synthetic_caption",
+"generated_caption", "tags"}, missing texts as "". The input is processed in *parts* of ``part_size`` rows; worker
+processes pack a part into a staging folder (:func:`write_samples`), and then it is committed: chunks moved in,
+then the state file replaced atomically, then index.json rebuilt from it. An interrupted run therefore resumes at
+the first uncommitted part, and every row ends up in the output exactly once.
+
+Every committed part also keeps the hashes of the keys it wrote (``.prepare/parts/*.keys.npy``): an append skips
+rows whose key the dataset already holds, and keys that repeat within a run are counted in the summary.
+
+As a library: :func:`prepare` is the command; :func:`write_samples` writes samples you built yourself (dicts of
+bytes / str / int) into a new LitData folder in this process, with the same writer and index.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import glob
 import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import sys
 import threading
 import time
 from collections import Counter
-from typing import Any, Iterator, Literal, Optional, Union
+from typing import Any, Iterable, Iterator, Literal, Optional, Union
+
+import numpy as np
 
 from rwkv_clip.datamodules._prepare_sources import (
-    Columns, SampleWriter, Source, Unit, count_tar, fingerprint, iter_units, preflight, resolve_sources,
-    split_of)
+    SampleWriter, Source, estimate_rows, fingerprint, iter_units, key_hash, preflight, resolve_sources, split_of)
+from rwkv_clip.schema import KEY, Columns, check_prepared_dir
+from rwkv_clip.tables import atomic_file, write_json_atomic
 
 SPLITS = ("train", "val")
 STATE_DIR = ".prepare"
 STATE_VERSION = 1
 
-# The progress thread writes to the terminal while litdata forks workers from the main thread. Holding this lock
+# The progress thread writes to the terminal while prepare forks workers from the main thread. Holding this lock
 # across fork() means a child is never born while the parent's thread holds stdout/stderr's internal lock.
 _FORK_LOCK = threading.Lock()
 if hasattr(os, "register_at_fork"):
@@ -69,17 +81,20 @@ def prepare(
 
     Rows with a missing or corrupt image (or no caption at all) are skipped and listed in
     output_dir/skipped.jsonl; the run never stops for one bad row. A run that is interrupted resumes when the
-    same command is run again (or with --mode resume). Option names also work with dashes (--text-key).
+    same command is run again (or with --mode resume). An append skips rows whose key the dataset already holds.
+    Option names also work with dashes (--text-key).
 
     Args:
         inputs: Input file, folder or glob, or a list of them (--inputs '[a.csv, b.csv]'). Formats by extension:
             .csv, .tsv, .jsonl/.ndjson, .parquet (needs pyarrow), .tar (WebDataset shard, img2dataset layout:
             KEY.jpg + KEY.txt / KEY.json); a folder is read as images with sidecar KEY.txt / KEY.json files.
             Table columns: image (a path relative to the table, an absolute path, a base64 data URI, or bytes in
-            Parquet), text, and optional synthetic_caption, generated_caption, tags (a list or a comma string).
+            Parquet), text, and optional synthetic_caption, generated_caption, tags (a list, or a string
+            separated by , | or ;).
         output_dir: Output folder; gets train/, val/ (if val_fraction > 0), skipped.jsonl, summary.json.
         mode: What to do when output_dir already holds a dataset: 'overwrite' replaces it, 'append' adds the
-            inputs to it, 'resume' finishes an interrupted run. Unset: refuse, unless the folder holds an
+            inputs to it (rows whose key it already holds are skipped and counted as already_in_dataset),
+            'resume' finishes an interrupted run. Unset: refuse, unless the folder holds an
             interrupted run of the same inputs and options, which is then resumed.
         input_format: Force one format for every input instead of guessing from the extension.
         image_key: Column (or sidecar JSON key) that holds the image.
@@ -95,11 +110,11 @@ def prepare(
         quality: JPEG quality of the re-encoded images (1-100; above 95 mostly grows the files).
         val_fraction: Fraction of keys held back in output_dir/val, chosen by a hash of the key, so it is the
             same across runs, worker counts and appends. 0 = no val split.
-        num_workers: Worker processes for decoding and resizing (default: all CPU cores).
+        num_workers: Worker processes for decoding and resizing (default: all CPU cores; 0: in this process).
         chunk_bytes: Target size of one LitData chunk, e.g. '64MB'.
         part_size: Rows per resumable part: an interrupted run redoes at most one part.
         start_method: Multiprocessing start method of the workers (default: 'fork' where available, else
-            'spawn'; fork starts in milliseconds, spawn in seconds per part).
+            'spawn', which starts slower).
         progress: Show a progress bar.
     """
     t0 = time.time()
@@ -111,21 +126,23 @@ def prepare(
         raise ValueError(f"val_fraction must be in [0, 1), e.g. 0.01, got {val_fraction}")
     if part_size < 1:
         raise ValueError(f"part_size must be >= 1, got {part_size}")
-    num_workers = num_workers or os.cpu_count() or 1
-    if num_workers < 1:
-        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    if num_workers is None:
+        num_workers = os.cpu_count() or 1
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0 (0 = in this process), got {num_workers}")
     if start_method is None:
         start_method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
 
-    cols = Columns(image_key, text_key, synthetic_caption_key, generated_caption_key, tags_key, id_key)
+    cols = Columns(key=id_key, image=image_key, text=text_key, synthetic_caption=synthetic_caption_key,
+                   generated_caption=generated_caption_key, tags=tags_key)
     sources = resolve_sources(inputs, input_format)
     out = os.path.abspath(os.path.expanduser(output_dir))
     for s in sources:
         if s.format == "folder" and (out == s.path or out.startswith(s.path.rstrip(os.sep) + os.sep)):
             raise ValueError(f"output_dir {out} is inside the input folder {s.path}; pick a folder outside it")
     # Everything that changes which rows go where, or what they look like; a resume must match it exactly.
-    options = {"columns": cols.__dict__, "image_root": image_root, "max_side": max_side, "quality": quality,
-               "val_fraction": val_fraction, "part_size": part_size, "chunk_bytes": chunk_bytes}
+    options = {"columns": dataclasses.asdict(cols), "image_root": image_root, "max_side": max_side,
+               "quality": quality, "val_fraction": val_fraction, "part_size": part_size, "chunk_bytes": chunk_bytes}
     for s in sources:
         preflight(s, cols)
     fp = fingerprint(sources)
@@ -135,11 +152,11 @@ def prepare(
     resumed_parts = len(run["parts"])
     if resumed_parts:
         print(f"prepare: resuming run {run['id']} in {out}: {resumed_parts} part(s) already done", file=sys.stderr)
+    known_keys = store.known_keys(run)
 
     ctx = mp.get_context(start_method)
     counter = ctx.Value("q", 0)
-    total = sum(_estimate_rows(s) for s in sources)
-    bar = _Progress(counter, total, progress)
+    bar = _Progress(counter, sum(estimate_rows(s) for s in sources), progress)
     try:
         for k, (per_split, n_rows) in enumerate(_iter_parts(sources, cols, image_root, part_size, val_fraction)):
             if str(k) in run["parts"]:
@@ -152,10 +169,9 @@ def prepare(
                 items = per_split[split]
                 if not items:
                     continue
-                fn = SampleWriter(split, val_fraction, max_side, quality, cols,
-                                  os.path.join(staging, "skipped"), counter)
-                _optimize(fn, [Unit(u) for u in items], os.path.join(staging, split), chunk_bytes,
-                          min(num_workers, len(items)), start_method)
+                fn = SampleWriter(split, val_fraction, max_side, quality, cols, staging, known_keys, counter)
+                _write_part(fn, items, os.path.join(staging, split), chunk_bytes, min(num_workers, len(items)),
+                            start_method)
             store.commit_part(run, k, staging, time.time() - t0)
             bar.base += n_rows
             with counter.get_lock():
@@ -169,13 +185,70 @@ def prepare(
     return store.finish(run, time.time() - t0, bar.base - bar.resumed_rows)
 
 
-def _optimize(fn: SampleWriter, items: list[Unit], output_dir: str, chunk_bytes: str, num_workers: int,
-              start_method: str) -> None:
-    """One ``litdata.optimize`` call (a seam for the interruption tests)."""
-    import litdata
+def write_samples(samples: Iterable[dict[str, Any]], output_dir: str, chunk_bytes: str = "64MB") -> int:
+    """Write samples into a new LitData folder ``output_dir`` in this process; returns how many were written.
 
-    litdata.optimize(fn=fn, inputs=items, output_dir=output_dir, chunk_bytes=chunk_bytes, num_workers=num_workers,
-                     mode="overwrite", start_method=start_method, reorder_files=False, verbose=False)
+    Every sample is a dict with the same fields in the same order, holding bytes, str, int or float (the
+    formats ``rwkv_clip.schema`` allows); nothing is re-encoded. The chunks come from litdata's ``BinaryWriter``,
+    the same bytes for the same samples, and ``index.json`` is written last, atomically: a folder with an index
+    is complete. This is prepare's own writer (``--num_workers 0``); the demo generator uses it too.
+    """
+    from litdata.streaming.writer import BinaryWriter
+
+    if os.path.exists(os.path.join(output_dir, "index.json")):
+        raise ValueError(f"{output_dir} already holds a LitData dataset; write into a new folder")
+    writer = BinaryWriter(output_dir, chunk_bytes=chunk_bytes)
+    n = 0
+    for sample in samples:
+        writer.add_item(n, sample)
+        n += 1
+    if n == 0:
+        return 0
+    writer.done()
+    # BinaryWriter leaves one index per writer ("<rank>.index.json"): here one writer, so it is the whole index.
+    (part,) = glob.glob(os.path.join(output_dir, "*.index.json"))
+    with open(part, encoding="utf-8") as f:
+        index = json.load(f)
+    write_json_atomic(os.path.join(output_dir, "index.json"), {**index, "updated_at": str(time.time())})
+    os.remove(part)
+    return n
+
+
+def _write_part(fn: SampleWriter, items: list[dict[str, Any]], output_dir: str, chunk_bytes: str,
+                num_workers: int, start_method: str) -> None:
+    """Turn one split of one part into samples and write them with :func:`write_samples`: in this process
+    (``num_workers`` 0), or in worker processes that take units from a shared queue, each into its own folder
+    ``output_dir/w<k>``. The workers ignore Ctrl-C: the main process stops them and reports the interruption."""
+    if num_workers == 0:
+        write_samples((sample for unit in items for sample in fn(unit)), os.path.join(output_dir, "w0"), chunk_bytes)
+        return
+    ctx = mp.get_context(start_method)
+    queue = ctx.Queue()
+    workers = [ctx.Process(target=_worker, args=(fn, queue, os.path.join(output_dir, f"w{k}"), chunk_bytes),
+                           daemon=True) for k in range(num_workers)]
+    try:
+        for w in workers:
+            w.start()
+        for unit in items:
+            queue.put(unit)
+        for _ in workers:
+            queue.put(None)
+        for w in workers:
+            w.join()
+    finally:
+        for w in workers:
+            if w.is_alive():
+                w.terminate()
+                w.join()
+    failed = [w.exitcode for w in workers if w.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"{len(failed)} worker process(es) of prepare failed (exit codes {failed}; the error is "
+                           "printed above). Finished parts are kept: run the same command again to continue")
+
+
+def _worker(fn: SampleWriter, queue: Any, output_dir: str, chunk_bytes: str) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    write_samples((sample for unit in iter(queue.get, None) for sample in fn(unit)), output_dir, chunk_bytes)
 
 
 def _iter_parts(sources: list[Source], cols: Columns, image_root: Optional[str], part_size: int,
@@ -201,26 +274,6 @@ def _iter_parts(sources: list[Source], cols: Columns, image_root: Optional[str],
                 per_split, n = {s: [] for s in SPLITS}, 0
     if n:
         yield per_split, n
-
-
-def _estimate_rows(src: Source) -> int:
-    """Rows for the progress bar's total (lines for text tables: exact unless cells hold newlines)."""
-    try:
-        if src.format in ("csv", "tsv", "jsonl"):
-            with open(src.path, "rb") as f:
-                lines = sum(buf.count(b"\n") for buf in iter(lambda: f.read(1 << 20), b""))
-            return max(0, lines - (1 if src.format != "jsonl" else 0))
-        if src.format == "parquet":
-            import pyarrow.parquet as pq
-
-            return pq.ParquetFile(src.path).metadata.num_rows
-        if src.format == "webdataset":
-            return count_tar(src.path)
-        if src.format == "folder":
-            return sum(1 for _ in iter_units(src, Columns(), None))
-    except Exception:
-        return 0
-    return 0
 
 
 class _Progress:
@@ -260,24 +313,18 @@ class _Progress:
 
 # ----------------------------------------------------------------------------------------- output and state
 
-def _write_json_atomic(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class _Store:
     """The output folder. ``.prepare/state.json`` is the source of truth: the chunks of each split, and per run
-    the committed parts and their counts. ``train/index.json`` and ``val/index.json`` are rebuilt from it."""
+    the committed parts and their counts. ``train/index.json`` and ``val/index.json`` are rebuilt from it.
+    ``.prepare/parts/`` holds each committed part's skip list and the sorted hashes of the keys it wrote."""
 
     def __init__(self, out: str) -> None:
         self.out = out
         self.meta = os.path.join(out, STATE_DIR)
+        self.parts_dir = os.path.join(self.meta, "parts")
         self.state_path = os.path.join(self.meta, "state.json")
         self.state: dict[str, Any] = {}
+        self.run_keys = np.zeros(0, dtype=np.uint64)  # sorted hashes of the keys this run has committed
 
     # -- opening: refuse / overwrite / append / resume
     def _holds_data(self) -> bool:
@@ -338,12 +385,12 @@ class _Store:
                "parts": {}, "started_at": time.time()}
         self.state["runs"].append(run)
         os.makedirs(self.meta, exist_ok=True)
-        _write_json_atomic(self.state_path, self.state)
+        write_json_atomic(self.state_path, self.state)
         return run
 
     def _import_foreign(self) -> dict[str, Any]:
         """An output folder made by something else (e.g. the demo generator): adopt its chunks so we can append."""
-        state = {"version": STATE_VERSION, "splits": {}, "runs": []}
+        state = {"version": STATE_VERSION, "splits": {}, "runs": [], "keys_complete": False}
         for s in SPLITS:
             index = os.path.join(self.out, s, "index.json")
             if os.path.exists(index):
@@ -370,6 +417,72 @@ class _Store:
                     os.remove(os.path.join(d, name))
         self._write_indexes()
 
+    # -- the keys the dataset holds
+    def _keys_path(self, run_id: int, part: Union[int, str]) -> str:
+        return os.path.join(self.parts_dir, f"run{run_id:04d}-part{int(part):06d}.keys.npy")
+
+    def known_keys(self, run: dict[str, Any]) -> Optional[str]:
+        """Write the sorted key hashes of every sample committed before ``run`` to ``.prepare/known-keys.npy``
+        (the workers skip those keys) and return its path, or None when there are none. Also loads the keys
+        ``run`` itself committed before an interruption, for the count of repeated keys."""
+        earlier, unknown = [], not self.state.get("keys_complete", True)
+        for r in self.state["runs"]:
+            for part in r["parts"]:
+                path = self._keys_path(r["id"], part)
+                if not os.path.exists(path):
+                    unknown = True  # committed by an older prepare that kept no keys
+                elif r is run:
+                    self.run_keys = np.union1d(self.run_keys, np.load(path))
+                else:
+                    earlier.append(np.load(path))
+        if unknown:
+            earlier.append(self._read_all_keys())
+        if not earlier:
+            return None
+        path = os.path.join(self.meta, "known-keys.npy")
+        with atomic_file(path, "wb") as f:
+            np.save(f, np.unique(np.concatenate(earlier)))
+        return path
+
+    def _read_all_keys(self) -> Any:
+        """The key hashes of every sample in the splits, read from the chunks once (a dataset made by another
+        tool or an older prepare) and kept in ``.prepare/parts/existing.keys.npy``."""
+        path = os.path.join(self.parts_dir, "existing.keys.npy")
+        if not os.path.exists(path):
+            from litdata import StreamingDataset
+
+            hashes = []
+            for s in SPLITS:
+                d = os.path.join(self.out, s)
+                if self.state["splits"][s]["chunks"]:
+                    check_prepared_dir(d)
+                    print(f"prepare: reading the keys of {d} once, to skip them on append", file=sys.stderr)
+                    hashes += [key_hash(str(sample.get(KEY, ""))) for sample in StreamingDataset(d)]
+            os.makedirs(self.parts_dir, exist_ok=True)
+            with atomic_file(path, "wb") as f:
+                np.save(f, np.unique(np.array(hashes, dtype=np.uint64)))
+        return np.load(path)
+
+    def _part_keys(self, staging: str) -> tuple[Any, int, list[str]]:
+        """The sorted key hashes a staged part wrote, how many of its keys this run wrote before, and examples."""
+        keys: list[str] = []
+        keys_dir = os.path.join(staging, "keys")
+        if os.path.isdir(keys_dir):
+            for name in sorted(os.listdir(keys_dir)):
+                with open(os.path.join(keys_dir, name), encoding="utf-8") as f:
+                    keys += [json.loads(line) for line in f if line.strip()]
+        hashes = np.array([key_hash(k) for k in keys], dtype=np.uint64)
+        before = np.isin(hashes, self.run_keys)
+        seen: set[int] = set()
+        repeats, examples = 0, []
+        for key, h, b in zip(keys, hashes.tolist(), before.tolist()):
+            if b or h in seen:
+                repeats += 1
+                if len(examples) < 5 and key not in examples:
+                    examples.append(key)
+            seen.add(h)
+        return np.unique(hashes), repeats, examples
+
     def staging(self, run_id: int, part: int) -> str:
         d = os.path.join(self.meta, "staging", f"run{run_id:04d}-part{part:06d}")
         shutil.rmtree(d, ignore_errors=True)
@@ -383,32 +496,30 @@ class _Store:
         new_chunks: dict[str, list[dict[str, Any]]] = {}
         for s in SPLITS:
             counts[s] = 0
-            idx_path = os.path.join(staging, s, "index.json")
-            if not os.path.exists(idx_path):
-                continue
-            with open(idx_path, encoding="utf-8") as f:
-                idx = json.load(f)
-            if not idx.get("chunks"):
-                continue
             split_state = self.state["splits"][s]
-            if split_state["config"] is None:
-                split_state["config"] = idx["config"]
-            elif (split_state["config"].get("data_format"), split_state["config"].get("data_spec")) != (
-                    idx["config"].get("data_format"), idx["config"].get("data_spec")):
-                raise ValueError(f"{os.path.join(self.out, s)} holds samples of another schema "
-                                 f"({split_state['config'].get('data_format')}); prepare cannot append to it")
             taken = {c["filename"] for c in split_state["chunks"]}
             nxt = split_state.get("next", 0)
             new_chunks[s] = []
-            for c in idx["chunks"]:
-                while f"chunk-0-{nxt}.bin" in taken:
+            for idx_path in sorted(glob.glob(os.path.join(staging, s, "w*", "index.json"))):  # one per worker
+                with open(idx_path, encoding="utf-8") as f:
+                    idx = json.load(f)
+                if split_state["config"] is None:
+                    split_state["config"] = idx["config"]
+                elif (split_state["config"].get("data_format"), split_state["config"].get("data_spec")) != (
+                        idx["config"].get("data_format"), idx["config"].get("data_spec")):
+                    raise ValueError(f"{os.path.join(self.out, s)} holds samples of another schema "
+                                     f"({split_state['config'].get('data_format')}); prepare cannot append to it")
+                for c in idx["chunks"]:
+                    while f"chunk-0-{nxt}.bin" in taken:
+                        nxt += 1
+                    name = f"chunk-0-{nxt}.bin"  # litdata's chunk-RANK-INDEX naming, so its own append still works
                     nxt += 1
-                name = f"chunk-0-{nxt}.bin"  # litdata's chunk-RANK-INDEX naming, so its own append still works
-                nxt += 1
-                moves.append((os.path.join(staging, s, c["filename"]), os.path.join(self.out, s, name)))
-                new_chunks[s].append({**c, "filename": name})
-                counts[s] += c["chunk_size"]
+                    moves.append((os.path.join(os.path.dirname(idx_path), c["filename"]),
+                                  os.path.join(self.out, s, name)))
+                    new_chunks[s].append({**c, "filename": name})
+                    counts[s] += c["chunk_size"]
             split_state["next"] = nxt
+        part_keys, repeats, examples = self._part_keys(staging)
         skipped: Counter = Counter()
         skip_lines: list[str] = []
         skip_dir = os.path.join(staging, "skipped")
@@ -425,18 +536,20 @@ class _Store:
         for src, dst in moves:
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             os.replace(src, dst)
-        parts_dir = os.path.join(self.meta, "parts")
-        os.makedirs(parts_dir, exist_ok=True)
-        tmp = os.path.join(parts_dir, f".tmp-run{run['id']:04d}-part{part:06d}")
-        with open(tmp, "w", encoding="utf-8") as f:
+        os.makedirs(self.parts_dir, exist_ok=True)
+        with atomic_file(os.path.join(self.parts_dir, f"run{run['id']:04d}-part{part:06d}.skipped.jsonl")) as f:
             f.write("".join(line + "\n" for line in sorted(skip_lines)))
-        os.replace(tmp, os.path.join(parts_dir, f"run{run['id']:04d}-part{part:06d}.skipped.jsonl"))
+        with atomic_file(self._keys_path(run["id"], part), "wb") as f:
+            np.save(f, part_keys)
         # 2) the commit point: one atomic replace of the state file
         for s, chunks in new_chunks.items():
             self.state["splits"][s]["chunks"].extend(chunks)
         run["parts"][str(part)] = {"train": counts["train"], "val": counts["val"], "skipped": dict(skipped),
+                                   "repeated_keys": repeats, "repeated_key_examples": examples,
                                    "elapsed": round(elapsed, 3)}
-        _write_json_atomic(self.state_path, self.state)
+        write_json_atomic(self.state_path, self.state)
+        new = np.setdiff1d(part_keys, self.run_keys, assume_unique=True)
+        self.run_keys = np.insert(self.run_keys, np.searchsorted(self.run_keys, new), new)
         # 3) derived files (rebuilt from the state on resume, so a crash here is harmless)
         self._write_indexes()
         shutil.rmtree(staging, ignore_errors=True)
@@ -448,19 +561,16 @@ class _Store:
                 continue
             d = os.path.join(self.out, s)
             os.makedirs(d, exist_ok=True)
-            _write_json_atomic(os.path.join(d, "index.json"),
-                               {"chunks": st["chunks"], "config": st["config"], "updated_at": str(time.time())})
+            write_json_atomic(os.path.join(d, "index.json"),
+                              {"chunks": st["chunks"], "config": st["config"], "updated_at": str(time.time())})
 
     def _write_skipped(self) -> None:
-        parts_dir = os.path.join(self.meta, "parts")
-        tmp = os.path.join(self.out, "skipped.jsonl.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            if os.path.isdir(parts_dir):
-                for name in sorted(os.listdir(parts_dir)):
+        with atomic_file(os.path.join(self.out, "skipped.jsonl")) as f:
+            if os.path.isdir(self.parts_dir):
+                for name in sorted(os.listdir(self.parts_dir)):
                     if name.endswith(".skipped.jsonl"):
-                        with open(os.path.join(parts_dir, name), encoding="utf-8") as g:
+                        with open(os.path.join(self.parts_dir, name), encoding="utf-8") as g:
                             shutil.copyfileobj(g, f)
-        os.replace(tmp, os.path.join(self.out, "skipped.jsonl"))
 
     # -- finishing
     def finish(self, run: dict[str, Any], elapsed: float, rows_now: int) -> dict[str, Any]:
@@ -482,19 +592,21 @@ class _Store:
                     if os.path.isdir(d) and not os.listdir(d):
                         os.rmdir(d)
             else:
-                for name in os.listdir(os.path.join(self.meta, "parts")):
+                for name in os.listdir(self.parts_dir):
                     if name.startswith(f"run{run['id']:04d}-"):
-                        os.remove(os.path.join(self.meta, "parts", name))
-                _write_json_atomic(self.state_path, self.state)
+                        os.remove(os.path.join(self.parts_dir, name))
+                write_json_atomic(self.state_path, self.state)
                 self._write_skipped()
             why = ", ".join(f"{r}: {n}" for r, n in skipped.most_common()) or "the inputs have no rows"
             raise ValueError(f"prepare wrote no sample to {self.out} ({why}); see "
                              f"{os.path.join(self.out, 'skipped.jsonl')} for every skipped row")
         run["status"] = "done"
         run["finished_at"] = time.time()
-        _write_json_atomic(self.state_path, self.state)
+        write_json_atomic(self.state_path, self.state)
         self._write_skipped()
         totals = {s: sum(c["chunk_size"] for c in self.state["splits"][s]["chunks"]) for s in SPLITS}
+        repeated = sum(p.get("repeated_keys", 0) for p in parts)
+        examples = list(dict.fromkeys(k for p in parts for k in p.get("repeated_key_examples", [])))[:5]
         summary = {
             "output_dir": self.out,
             "train_dir": os.path.join(self.out, "train") if totals["train"] else None,
@@ -502,18 +614,27 @@ class _Store:
             "written": written,
             "skipped": dict(skipped.most_common()),
             "skipped_total": sum(skipped.values()),
+            "duplicate_keys": repeated,
+            "duplicate_key_examples": examples,
             "seconds": round(elapsed, 2),
             "rows_per_s": round(rows_now / max(elapsed, 1e-9), 1),
             "dataset_total": totals,
             "run": run["id"],
         }
-        _write_json_atomic(os.path.join(self.out, "summary.json"), summary)
+        write_json_atomic(os.path.join(self.out, "summary.json"), summary)
         skip_txt = ", ".join(f"{r} {n}" for r, n in skipped.most_common())
         print(f"prepare: wrote {n_written} samples (train {written['train']}, val {written['val']}) in "
               f"{elapsed:.1f} s ({summary['rows_per_s']} rows/s); skipped {summary['skipped_total']}"
               + (f" ({skip_txt}) -> {os.path.join(self.out, 'skipped.jsonl')}" if skip_txt else ""), file=sys.stderr)
         print(f"prepare: dataset now train={totals['train']} at {summary['train_dir']}, val={totals['val']} at "
               f"{summary['val_dir']}", file=sys.stderr)
+        if repeated:
+            print(f"prepare: warning: {repeated} samples share their key with an earlier sample of these inputs "
+                  f"(e.g. {', '.join(map(repr, examples))}). They were kept, but a key should name one pair: give "
+                  f"--id_key a column of unique ids, or remove the repeated rows", file=sys.stderr)
+        if skipped.get("already_in_dataset"):
+            print(f"prepare: {skipped['already_in_dataset']} rows were skipped because the dataset already holds "
+                  f"their key (the same input appended twice?)", file=sys.stderr)
         if run["options"]["val_fraction"] > 0 and not totals["val"]:
             print(f"prepare: warning: val_fraction={run['options']['val_fraction']} held back no sample "
                   f"(too few rows); there is no val split", file=sys.stderr)
@@ -522,31 +643,12 @@ class _Store:
 
 # ------------------------------------------------------------------------------------------------------ CLI
 
-def _normalize_dashes(argv: list[str]) -> list[str]:
-    """jsonargparse spells options with underscores (--text_key); accept --text-key too."""
-    import inspect
+def main(argv: Optional[list[str]] = None) -> int:
+    """``python -m rwkv_clip.datamodules.prepare``: the exit status (0 done, 1 bad input, 130 interrupted)."""
+    from rwkv_clip.command import run
 
-    names = set(inspect.signature(prepare).parameters)
-    out = []
-    for a in argv:
-        if a.startswith("--") and "-" in a[2:]:
-            name, eq, value = a[2:].partition("=")
-            if name.replace("-", "_") in names:
-                a = "--" + name.replace("-", "_") + eq + value
-        out.append(a)
-    return out
-
-
-def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-    from jsonargparse import CLI
-
-    argv = _normalize_dashes(list(sys.argv[1:] if argv is None else argv))
-    return CLI(prepare, args=argv, as_positional=False)
+    return run(prepare, argv, prog="python -m rwkv_clip.datamodules.prepare", interrupted="")  # prepare says it
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, ImportError) as e:  # bad input: one clear line, no traceback
-        print(f"prepare: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(main())

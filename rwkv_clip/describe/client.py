@@ -4,13 +4,15 @@
 llama.cpp server, Ollama, TGI and hosted APIs all serve. Stdlib only: one keep-alive http.client connection per
 worker thread, retries with exponential backoff and jitter on 429, 5xx, timeouts, dropped connections and
 malformed responses. The API key is only ever placed in the Authorization header and is redacted from every
-error message this module produces.
+error message this module produces (from the whole server reply, before it is cut short for the message).
+``abort()`` stops a run at once: requests in flight are cut off instead of waiting for their timeout.
 
 `TransformersBackend` runs a local causal LM from a directory (transformers imported lazily).
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import logging
@@ -66,6 +68,9 @@ class Backend:
     def redact(self, s: str) -> str:
         return s
 
+    def abort(self) -> None:
+        """Stop what is in flight as soon as possible (Ctrl-C, or the run stopped)."""
+
     def close(self) -> None:
         pass
 
@@ -94,6 +99,7 @@ class OpenAIChatClient(Backend):
         self.concurrency = concurrency
         self.stop_event = stop_event or threading.Event()
         self._local = threading.local()
+        self._conns: set = set()  # every thread's open connection, so abort() can cut them off
         self._rng = random.Random()
         self._lock = threading.Lock()
         self.retries: Counter = Counter()  # kind -> count
@@ -122,20 +128,36 @@ class OpenAIChatClient(Backend):
         else:
             c = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
         self._local.conn = c
+        with self._lock:
+            self._conns.add(c)
         return c, False
 
     def _drop_conn(self) -> None:
         c = getattr(self._local, "conn", None)
         self._local.conn = None
         if c is not None:
-            try:
+            with self._lock:
+                self._conns.discard(c)
+            with contextlib.suppress(Exception):
                 c.close()
-            except Exception:
-                pass
+
+    def abort(self) -> None:
+        """No request or retry starts any more, and the sockets of the requests in flight are shut down, so their
+        threads return now instead of after the timeout."""
+        self.stop_event.set()
+        with self._lock:
+            conns = list(self._conns)
+        for c in conns:
+            sock = getattr(c, "sock", None)
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
     def _request(self, method: str, path: str, body: Optional[bytes]) -> tuple[int, dict, bytes]:
         """One HTTP exchange on this thread's keep-alive connection -> (status, headers, body)."""
         for fresh_try in range(2):
+            if self.stop_event.is_set():
+                raise RequestFailed("aborted")
             conn, reused = self._conn()
             try:
                 conn.request(method, self._prefix + path, body=body, headers=self._headers())
@@ -146,6 +168,8 @@ class OpenAIChatClient(Backend):
                 raise _Retryable(f"timeout after {self.timeout:g} s", "timeout") from e
             except (OSError, http.client.HTTPException) as e:
                 self._drop_conn()
+                if self.stop_event.is_set():
+                    raise RequestFailed("aborted") from None
                 # A kept-alive connection the server closed while idle: reconnect once without counting a retry.
                 if reused and fresh_try == 0 and isinstance(e, (http.client.RemoteDisconnected, ConnectionResetError,
                                                                 BrokenPipeError, http.client.CannotSendRequest)):
@@ -156,8 +180,12 @@ class OpenAIChatClient(Backend):
             return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
         raise AssertionError("unreachable")
 
-    def _snippet(self, data: bytes) -> str:
-        return self.redact(" ".join(data[:300].decode("utf-8", "replace").split()))
+    def _snippet(self, data: bytes, limit: int = 300) -> str:
+        """The start of a server reply for a message: the key is removed from the whole reply first, so cutting
+        it short can never leave part of the key behind."""
+        if self._api_key:
+            data = data.replace(self._api_key.encode("utf-8"), b"***")
+        return self.redact(" ".join(data.decode("utf-8", "replace").split())[:limit])
 
     def _check_status(self, status: int, headers: dict, data: bytes) -> None:
         if 200 <= status < 300:

@@ -12,8 +12,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Optional
 
-FIELDS = ("text", "synthetic_caption", "tags", "max_words")
-TEXT_FIELDS = ("text", "synthetic_caption", "tags")
+from rwkv_clip.schema import SYNTHETIC_CAPTION, TAGS, TEXT
+
+PROMPT_FIELDS = (TEXT, SYNTHETIC_CAPTION, TAGS)  # what a row gives the prompt (generated_caption is the answer)
+FIELDS = (*PROMPT_FIELDS, "max_words")
 DEFAULT_SYSTEM_PROMPT = "You write short, faithful image descriptions."
 EMPTY_FIELD = "(none)"
 MAX_FIELD_CHARS = 2000  # a runaway web alt-text must not blow the model's context
@@ -23,23 +25,6 @@ _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 def default_template_text() -> str:
     return resources.files("rwkv_clip.describe").joinpath("prompt.txt").read_text(encoding="utf-8")
-
-
-def normalize_tags(tags) -> str:
-    """Tags come as a list, or a string separated by ',', '|' or ';' (RAM++ writes ' | '). -> 'a, b, c'."""
-    if tags is None:
-        return ""
-    if isinstance(tags, (list, tuple)):
-        parts = [str(t) for t in tags]
-    else:
-        parts = re.split(r"[|,;]", str(tags))
-    seen, out = set(), []
-    for p in parts:
-        p = " ".join(p.split())
-        if p and p.lower() not in seen:
-            seen.add(p.lower())
-            out.append(p)
-    return ", ".join(out)
 
 
 def _words(s: str) -> list[str]:
@@ -58,7 +43,7 @@ class PromptTemplate:
             raise ValueError(
                 f"prompt template {source} has unknown placeholder(s) {sorted('{' + u + '}' for u in unknown)}; "
                 f"allowed: {', '.join('{' + f + '}' for f in FIELDS)}")
-        if not names & set(TEXT_FIELDS):
+        if not names & set(PROMPT_FIELDS):
             raise ValueError(f"prompt template {source} uses none of {{text}}, {{synthetic_caption}}, {{tags}}; "
                              "the model would never see the row")
         self.template, self.max_words, self.source = template, max_words, source
@@ -81,7 +66,8 @@ class PromptTemplate:
         return cls(p.read_text(encoding="utf-8"), max_words, source=str(p))
 
     def render(self, text: str = "", synthetic_caption: str = "", tags: str = "") -> str:
-        values = {"text": text, "synthetic_caption": synthetic_caption, "tags": tags}
+        """The user message for one row; ``tags`` as :func:`rwkv_clip.schema.format_tags` writes them."""
+        values = {TEXT: text, SYNTHETIC_CAPTION: synthetic_caption, TAGS: tags}
         values = {k: (" ".join(str(v).split())[:MAX_FIELD_CHARS] or EMPTY_FIELD) for k, v in values.items()}
         values["max_words"] = str(self.max_words)
         return _PLACEHOLDER.sub(lambda m: values[m.group(1)], self.template)

@@ -4,7 +4,8 @@ It answers deterministically (the answer is derived from a hash of the user mess
 a marker `[[ACTION]]` or `[[ACTIONxN]]` anywhere in the user message (e.g. in the row's text) applies ACTION to
 every request for that message, or only to the first N of them, after which it answers normally.
 
-ACTION: 500 | 503 | 429 (with Retry-After: 0) | 400 (echoes the Authorization header, to test redaction) |
+ACTION: 500 | 503 | 429 (with Retry-After: 0) | 400 (echoes the Authorization header after `echo_prefix` filler
+characters, to test redaction wherever the key falls in the body) |
 hang (sleeps `hang_seconds` before answering) | drop (closes the connection without an answer) |
 badjson (200 with a truncated body) | nochoices (200, JSON without choices) | refuse | empty | echo (answers
 with the prompt) | prefix ('Here is the description: "..."') | long (a 300-word answer).
@@ -33,8 +34,9 @@ def mock_answer(content: str) -> str:
 
 class MockChatServer:
     def __init__(self, delay: float = 0.0, api_key: Optional[str] = None, hang_seconds: float = 2.0,
-                 model: str = "mock-model"):
+                 model: str = "mock-model", echo_prefix: int = 0):
         self.delay, self.api_key, self.hang_seconds, self.model = delay, api_key, hang_seconds, model
+        self.echo_prefix = echo_prefix
         self.force: Optional[str] = None
         self.lock = threading.Lock()
         self.seen: Counter = Counter()       # user message -> requests received
@@ -161,8 +163,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(429, {"error": {"message": "rate limited"}}, {"Retry-After": "0"})
         elif act == "400":
             status = 400
-            self._json(400, {"error": {"message": f"bad request; headers were Authorization: "
-                                                  f"{self.headers.get('Authorization')}"}})
+            self._json(400, {"error": {"message": f"{'~' * self.mock.echo_prefix}bad request; headers were "
+                                                  f"Authorization: {self.headers.get('Authorization')}"}})
         elif act == "drop":
             status = 0
             self.close_connection = True
@@ -191,15 +193,21 @@ class _Handler(BaseHTTPRequestHandler):
             self.mock.log.append((time.monotonic(), content, act, status))
 
 
-if __name__ == "__main__":  # python -m rwkv_clip.describe.testing  -> a mock server for trying the CLI
-    import argparse
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--delay", type=float, default=0.0)
-    a = ap.parse_args()
-    with MockChatServer(delay=a.delay) as s:
+def serve(delay: float = 0.0) -> None:
+    """Run a mock chat-completions server on 127.0.0.1 until Ctrl-C, to try the describe command offline.
+
+    Args:
+        delay: Seconds the server adds to every request.
+    """
+    with MockChatServer(delay=delay) as s:
         print(f"mock server at {s.url} (Ctrl-C to stop)", flush=True)
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
+        while True:
+            time.sleep(3600)
+
+
+if __name__ == "__main__":  # python -m rwkv_clip.describe.testing [--delay 0.05]
+    import sys
+
+    from rwkv_clip.command import run
+
+    sys.exit(run(serve, prog="python -m rwkv_clip.describe.testing", interrupted="stopped"))
