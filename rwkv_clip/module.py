@@ -166,7 +166,7 @@ class CLIPModule(L.LightningModule):
         self._grads_zeroed_in_step = False
         self.compile_towers = compile_towers
         self._last_step_time: Optional[float] = None
-        self._total_steps: Optional[int] = None  # the schedule's length, kept in checkpoints (see configure_optimizers)
+        self._total_steps: Optional[int] = None  # the schedule's length, kept in checkpoints (_schedule_length)
         self._rng_to_restore: Optional[dict] = None
 
     # ----------------------------------------------------------------------------------------- inference
@@ -345,7 +345,7 @@ class CLIPModule(L.LightningModule):
         total_steps = self._schedule_length()
         if self.scheduler_name == "onecycle":
             scheduler = torch.optim.lr_scheduler.OneCycleLR(
-                optimizer, max_lr=self.lr, total_steps=total_steps, pct_start=self.warmup)
+                optimizer, max_lr=self.lr, total_steps=total_steps, pct_start=float(self.warmup))
         else:
             warmup_steps = int(self.warmup * total_steps)
 
@@ -367,12 +367,14 @@ class CLIPModule(L.LightningModule):
         the epoch's data from its first batch. It takes the length saved in the checkpoint instead, which also
         keeps the schedule of the run it continues.
         """
+        if self.trainer.ckpt_path is None:  # a new run (weights from load_from_checkpoint, if any, are just weights)
+            self._total_steps = self._rng_to_restore = None
         if self._total_steps is None:
             if self.trainer.ckpt_path is not None:
                 rank_zero_warn(
-                    f"the checkpoint {self.trainer.ckpt_path} records no schedule length (it was written by an older "
-                    "version, or this strategy restores checkpoints after configure_optimizers): the run resumes, "
-                    "but its data restarts at the first batch of the epoch instead of where it stopped.")
+                    f"the checkpoint {self.trainer.ckpt_path} records no schedule length (an older version wrote it): "
+                    "the run resumes, but its data restarts at the first batch of the epoch instead of where it "
+                    "stopped.")
             steps = self.trainer.estimated_stepping_batches
             if steps == float("inf"):
                 raise ValueError("the learning-rate schedule needs a finite run: set trainer.max_epochs or "
@@ -388,6 +390,12 @@ class CLIPModule(L.LightningModule):
         checkpoint["rwkv_clip"] = {"total_steps": self._total_steps, "rng": _rng_states(self.device)}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        if fitting and self.trainer.strategy.restore_checkpoint_after_setup:
+            rank_zero_warn(
+                f"{type(self.trainer.strategy).__name__} restores checkpoints after configure_optimizers, which has "
+                "built the training loader by then: the run resumes, but its data restarts at the first batch of "
+                "the epoch instead of where it stopped.")
         saved = checkpoint.get("rwkv_clip", {})
         self._total_steps = saved.get("total_steps")
         self._rng_to_restore = saved.get("rng")

@@ -71,7 +71,7 @@ def assert_resumed_like_full(full: Path, resumed: Path, ckpt_step: int) -> None:
     seen = digests(resumed)
     assert [d["step"] for d in seen] == [d["step"] for d in expected]
     wrong = [d["step"] for d, e in zip(seen, expected) if d != e]
-    assert not wrong, f"steps that trained on other samples, texts or augmentations than the uninterrupted run: {wrong}"
+    assert not wrong, f"steps that trained on other samples, texts or augmentations than without the kill: {wrong}"
     # Every epoch after the resumed one is whole (a loader left in its resume state once ended the next epoch
     # after one batch, or none).
     for epoch in range(seen[0]["epoch"] + 1, EPOCHS):
@@ -80,7 +80,7 @@ def assert_resumed_like_full(full: Path, resumed: Path, ckpt_step: int) -> None:
     a, b = torch.load(full / "final.pt", weights_only=True), torch.load(resumed / "final.pt", weights_only=True)
     assert a["global_step"] == b["global_step"] == EPOCHS * STEPS_PER_EPOCH
     differ = [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])]
-    assert not differ, f"{len(differ)} of {len(a['model'])} model tensors differ from the uninterrupted run: {differ[:5]}"
+    assert not differ, f"{len(differ)} of {len(a['model'])} model tensors differ from the full run: {differ[:5]}"
     for key, state in a["optimizer"]["state"].items():
         for name, value in state.items():
             assert torch.equal(value, b["optimizer"]["state"][key][name]), (key, name)

@@ -174,10 +174,11 @@ def batch_sizes_per_rank(dataset: StreamingDataset, batch_size: int, num_workers
     litdata's own split of the data over ranks and workers (the same in every epoch)."""
     dataset.get_len(num_workers, batch_size)  # creates litdata's shuffler, which owns the split
     workers = max(1, num_workers)
-    _, intervals = dataset.shuffler.get_chunks_and_intervals_per_workers(dataset.distributed_env, workers, batch_size, 1)
+    env = dataset.distributed_env
+    _, intervals = dataset.shuffler.get_chunks_and_intervals_per_workers(env, workers, batch_size, 1)
     items = [sum(interval[2] - interval[1] for interval in worker) for worker in intervals]
     sizes = [[batch_size] * (n // batch_size) + ([n % batch_size] if n % batch_size else []) for n in items]
-    return [sizes[rank * workers:(rank + 1) * workers] for rank in range(dataset.distributed_env.world_size)]
+    return [sizes[rank * workers:(rank + 1) * workers] for rank in range(env.world_size)]
 
 
 class _StreamingLoader(StreamingDataLoader):
@@ -213,10 +214,12 @@ class ImageTextDataModule(L.LightningDataModule):
         text_sources: which texts to draw from, any of ``text``, ``synthetic_caption``, ``generated_caption``
             (or another string field of your data). ``[text]`` disables the generated descriptions.
         weights: relative draw weight per source (same length as ``text_sources``); None = uniform.
-        seed: shuffling and text-choice seed.
+        seed: the seed of the shuffle and of every sample's text choice and augmentation.
         shuffle: shuffle the training set every epoch.
         drop_last: make every rank/worker see the same number of samples (needed by DDP).
-        scale, ratio, hflip, interpolation: train augmentation (DESIGN §5 defaults).
+        scale, ratio, hflip, interpolation: train augmentation: RandomResizedCrop's area and aspect ranges,
+            the flip probability, and the resampling of the crop (the official training resizes bilinearly).
+            Evaluation always resizes bicubically, as CLIP's preprocessing does.
         cache_dir, max_cache_size: litdata cache for remote data.
     """
 
@@ -320,8 +323,8 @@ class ImageTextDataModule(L.LightningDataModule):
         devices = f"{world_size} device{'s' if world_size > 1 else ''}"
         if what == "train_dir":
             if sum(per_rank) == 0:
-                raise ValueError(f"{what} {path!r} has {dataset.num_samples} samples: not one batch of {batch_size} for "
-                                 f"each of {devices}; lower data.init_args.batch_size")
+                raise ValueError(f"{what} {path!r} has {dataset.num_samples} samples: not one batch of {batch_size} "
+                                 f"for each of {devices}; lower data.init_args.batch_size")
             if any(rank != sizes[0] for rank in sizes):
                 left = sum(sum(worker) for worker in sizes[-1]) - sum(sum(worker) for worker in sizes[0])
                 raise ValueError(
@@ -362,7 +365,7 @@ class ImageTextDataModule(L.LightningDataModule):
 
     @property
     def eval_transform(self) -> Callable[[Image.Image], torch.Tensor]:
-        return eval_transform(self.image_size, self.interpolation)
+        return eval_transform(self.image_size)
 
     # ---------------------------------------------------------------- lightning hooks
     def _dataset(self, path: str, train: bool) -> ImageTextDataset:
