@@ -1,29 +1,80 @@
 """The LightningCLI behind main.py."""
 
-import sys
+from __future__ import annotations
 
+import importlib
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from rwkv_clip.module import CLIPModule
 
+# Model settings that choose how the model is computed, not what it computes: a run from a checkpoint may change
+# them (e.g. resume on fewer GPUs with micro-batches, or evaluate with another WKV backend).
+RUNTIME_SETTINGS = frozenset({"compile_towers", "micro_batch_size", "wkv_backend", "grad_checkpointing"})
 
-class CLIPCLI(LightningCLI):
-    def parse_arguments(self, parser, args) -> None:
-        # `--ckpt_path` supplies the model when the config has none: LightningCLI reads a checkpoint's
-        # hyperparameters over the model config anyway, but its parser first insists on one.
-        from rwkv_clip.inference import model_config_from_args
 
-        model = model_config_from_args(sys.argv[1:] if args is None else args)
-        if model is not None:
-            parser.set_defaults({f"{name}.model": model for name in self.subcommands()})
+class CLI(LightningCLI):
+    """LightningCLI with the model taken from ``--ckpt_path`` and checked against the config.
+
+    Lightning replaces the config's model settings with those saved in the checkpoint. Here a setting that the
+    user gave (YAML or command line) and that differs from the checkpoint is an error naming each difference,
+    instead of a silent change. A config without a model section takes the checkpoint's model whole (e.g.
+    ``main.py validate --config configs/eval/... --ckpt_path X.ckpt``), and :data:`RUNTIME_SETTINGS` may differ.
+    """
+
+    def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # As LightningCLI's, except that the model is optional: with --ckpt_path it comes from the checkpoint.
+        parser.add_lightning_class_args(self.trainer_class, "trainer")
+        parser.set_defaults({"trainer." + k: v for k, v in self.trainer_defaults.items() if k != "callbacks"})
+        parser.add_lightning_class_args(self._model_class, "model", subclass_mode=self.subclass_mode_model,
+                                        required=False)
+        parser.add_lightning_class_args(self._datamodule_class, "data", subclass_mode=self.subclass_mode_data,
+                                        required=self.datamodule_class is not None)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         super().parse_arguments(parser, args)
+        # What the user set, without defaults: the YAML files and the command line.
+        if isinstance(args, (dict, Namespace)):
+            self._given = parser.parse_object(args, defaults=False)
+        else:
+            self._given = parser.parse_args(args, defaults=False)
+
+    def _parse_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        config, given = (self.config[subcommand], self._given[subcommand]) if subcommand else (self.config, self._given)
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path and config.get("weights_only") is None:
+            config["weights_only"] = True  # the trainer reads the checkpoint without unpickling code
+        if ckpt_path and Path(ckpt_path).is_file():
+            given_model = given.get("model")
+            given_model = given_model.as_dict() if isinstance(given_model, Namespace) else given_model
+            checkpoint_model = _checkpoint_model(ckpt_path)
+            differences = _differences(given_model or {}, checkpoint_model)
+            if differences:
+                self.parser.error(
+                    f"the model settings differ from the checkpoint {ckpt_path}:\n" + "\n".join(differences)
+                    + "\nA run from a checkpoint continues its model: remove these settings, or match them to the "
+                    "checkpoint. To train another model from those weights, start a new run without --ckpt_path.")
+            if "class_path" in checkpoint_model or config.get("model") is not None:
+                # The checkpoint's settings (all of them when main.py wrote it; all but the towers when the module
+                # was built in Python), with the user's where they may differ (RUNTIME_SETTINGS).
+                model = _merge(checkpoint_model, given_model or {})
+                self.config = self.parser.parse_object({subcommand: {"model": model}} if subcommand else
+                                                       {"model": model}, self.config)
+        config = self.config[subcommand] if subcommand else self.config
+        if config.get("model") is None:
+            self.parser.error(f"the config has no model section: give one (see configs/), or a checkpoint written by "
+                              "main.py with --ckpt_path to take the model from")
 
 
 def main(args=None, run: bool = True) -> LightningCLI:
     """Subclass mode for model and data, so YAML picks both by ``class_path``; each run directory gets the
     resolved ``config.yaml`` beside its TensorBoard events."""
-    return CLIPCLI(
+    return CLI(
         CLIPModule,
         LightningDataModule,
         subclass_mode_model=True,
@@ -32,3 +83,75 @@ def main(args=None, run: bool = True) -> LightningCLI:
         args=args,
         run=run,
     )
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+def _checkpoint_model(ckpt_path: str) -> dict:
+    """The checkpoint's model as a ``{class_path, init_args}`` config; without ``class_path`` when the module was
+    built in Python (its towers are then not recorded either)."""
+    from rwkv_clip.convert import is_official_state_dict, read_checkpoint
+
+    checkpoint = read_checkpoint(ckpt_path, mmap=True)
+    if is_official_state_dict(checkpoint):
+        raise SystemExit(
+            f"error: {ckpt_path!r} is an official RWKV-CLIP file: convert it first (`python -m rwkv_clip.convert "
+            f"{ckpt_path} model.ckpt`, then --ckpt_path model.ckpt), or fine-tune from it with "
+            "--model.init_args.pretrained_path")
+    hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if k != "_instantiator"}
+    class_path = hparams.pop("_class_path", None)
+    return {"init_args": hparams} if class_path is None else {"class_path": class_path, "init_args": hparams}
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, Namespace):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: value}
+
+
+def _normal(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        return [_normal(v) for v in value]
+    return value
+
+
+def _same_class(a: str, b: str) -> bool:
+    def resolve(path: str) -> Any:
+        module, _, name = path.rpartition(".")
+        try:
+            return getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError, ValueError):
+            return path
+
+    return a == b or resolve(a) is resolve(b)
+
+
+def _differences(given: dict, checkpoint_model: dict) -> list[str]:
+    """One line per model setting given by the user that differs from the checkpoint's."""
+    saved = _flatten(checkpoint_model)
+    differences = []
+    for key, value in _flatten(given).items():
+        if key not in saved or key.rpartition(".")[2] in RUNTIME_SETTINGS:
+            continue  # a setting the checkpoint's version of the class did not have, or one that may change
+        if key.endswith("class_path") and isinstance(value, str) and isinstance(saved[key], str):
+            same = _same_class(value, saved[key])
+        else:
+            same = _normal(value) == _normal(saved[key])
+        if not same:
+            differences.append(f"  model.{key}: {value!r} in the config, {saved[key]!r} in the checkpoint")
+    return differences
+
+
+def _merge(checkpoint_model: dict, given: dict) -> dict:
+    """The checkpoint's model config, with the given values of RUNTIME_SETTINGS."""
+    merged = {k: (dict(v) if isinstance(v, dict) else v) for k, v in checkpoint_model.items()}
+    for key, value in given.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        elif key in RUNTIME_SETTINGS:
+            merged[key] = value
+    return merged

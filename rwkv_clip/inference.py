@@ -184,28 +184,3 @@ def load_model(
     if with_transforms:
         return model, model.get_preprocess(), model.get_tokenizer()
     return model
-
-
-def model_config_from_args(args: Any) -> Optional[dict]:
-    """The model's ``{class_path, init_args}`` from the checkpoint named by ``--ckpt_path`` in command-line
-    ``args``, so ``main.py validate --ckpt_path X`` needs no model config. ``None`` when there is none to read."""
-    if not isinstance(args, (list, tuple)):
-        return None
-    path = None
-    for i, arg in enumerate(args):
-        if arg == "--ckpt_path" and i + 1 < len(args):
-            path = args[i + 1]
-        elif isinstance(arg, str) and arg.startswith("--ckpt_path="):
-            path = arg.split("=", 1)[1]
-    if not path or not Path(path).is_file():
-        return None  # no checkpoint, or a name Lightning resolves itself ("last", "best")
-    checkpoint = read_checkpoint(path, mmap=True)
-    if is_official_state_dict(checkpoint):
-        raise SystemExit(
-            f"error: {path!r} is an official RWKV-CLIP file: convert it first (`python -m rwkv_clip.convert {path} "
-            "model.ckpt`, then --ckpt_path model.ckpt), or fine-tune from it with --model.init_args.pretrained_path"
-        )
-    hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, Mapping) else {}
-    if not isinstance(hparams.get("_class_path"), str):
-        return None
-    return {"class_path": hparams["_class_path"], "init_args": {k: v for k, v in hparams.items() if not k.startswith("_")}}

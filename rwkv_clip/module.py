@@ -10,14 +10,17 @@ YAML with ``class_path``/``init_args`` (see ``configs/``). A run can start from 
 """
 
 import math
+import random
 import re
 import time
 from typing import Literal, Optional
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from rwkv_clip.loss import (
@@ -46,6 +49,25 @@ def _set_rng_state(state, device: torch.device) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
+def _rng_states(device: torch.device) -> dict:
+    """Every global random state (torch CPU and this device's CUDA, Python, NumPy), in types that
+    ``torch.load(weights_only=True)`` reads."""
+    version, state, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    torch_state, cuda_state = _rng_state(device)
+    return {"torch": torch_state, "cuda": cuda_state, "python": [version, list(state), gauss],
+            "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss]}
+
+
+def _set_rng_states(states: dict, device: torch.device) -> None:
+    cuda_state = states["cuda"] if device.type == "cuda" else None
+    _set_rng_state((states["torch"], cuda_state), device)
+    version, state, gauss = states["python"]
+    random.setstate((version, tuple(state), gauss))
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = states["numpy"]
+    np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+
+
 class CLIPModule(L.LightningModule):
     """Contrastive image-text training.
 
@@ -60,7 +82,13 @@ class CLIPModule(L.LightningModule):
         weight_decay: AdamW weight decay, applied to matrices only.
         betas: AdamW betas.
         eps: AdamW epsilon.
-        warmup: share of the optimizer steps spent in linear warm-up (0.1 = 10%), followed by a cosine decay.
+        scheduler: the learning-rate schedule over the run's optimizer steps, stepped every step.
+            ``"cosine"``: linear warm-up from ``lr / warmup_steps`` to ``lr``, then a cosine decay to
+            ``lr · min_lr_ratio``. ``"onecycle"``: the published recipe, torch's ``OneCycleLR(max_lr=lr,
+            pct_start=warmup)`` with its defaults: a cosine warm-up from ``lr / 25``, a cosine decay to
+            ``lr / 25 / 1e4``, and AdamW's β1 cycled from 0.95 down to 0.85 at the peak and back (``betas[0]`` is
+            then unused; ``min_lr_ratio`` too).
+        warmup: share of the optimizer steps spent warming up (0.1 = 10%).
         min_lr_ratio: the cosine decays to ``lr · min_lr_ratio``.
         max_logit_scale: the logit scale is clamped to ``log(max_logit_scale)`` after every optimizer step.
         micro_batch_size: encode each training batch in chunks of this many samples with cached features
@@ -93,6 +121,7 @@ class CLIPModule(L.LightningModule):
         weight_decay: float = 0.2,
         betas: tuple[float, float] = (0.9, 0.98),
         eps: float = 1e-6,
+        scheduler: Literal["cosine", "onecycle"] = "cosine",
         warmup: float = 0.1,
         min_lr_ratio: float = 0.0,
         max_logit_scale: float = 100.0,
@@ -121,6 +150,8 @@ class CLIPModule(L.LightningModule):
             raise ValueError(f"warmup is the share of steps spent warming up, in [0, 1); got {warmup}")
         if loss not in ("infonce", "siglip"):
             raise ValueError(f"loss must be 'infonce' or 'siglip', got {loss!r}")
+        if scheduler not in ("cosine", "onecycle"):
+            raise ValueError(f"scheduler must be 'cosine' or 'onecycle', got {scheduler!r}")
         if micro_batch_size is not None and micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be a positive integer or null, got {micro_batch_size}")
         if lock_image and lock_text and embed_dim is None:
@@ -149,12 +180,14 @@ class CLIPModule(L.LightningModule):
         self.logit_scale = nn.Parameter(torch.tensor(init_scale))
         self.logit_bias = nn.Parameter(torch.tensor(SIGLIP_LOGIT_BIAS_INIT)) if loss == "siglip" else None
         self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, tuple(betas), eps
-        self.warmup, self.min_lr_ratio = warmup, min_lr_ratio
+        self.scheduler_name, self.warmup, self.min_lr_ratio = scheduler, warmup, min_lr_ratio
         self.max_log_logit_scale = math.log(max_logit_scale)
         self.micro_batch_size = micro_batch_size
         self._grads_zeroed_in_step = False
         self.compile_towers = compile_towers
         self._last_step_time: Optional[float] = None
+        self._total_steps: Optional[int] = None  # the schedule's length, kept in checkpoints (_schedule_length)
+        self._rng_to_restore: Optional[dict] = None
 
         self.tokenizer_spec = tokenizer  # a path or "clip"; get_tokenizer() builds it on first use
         self._tokenizer = None
@@ -324,13 +357,29 @@ class CLIPModule(L.LightningModule):
                 "negatives, and the gradients are exact."
             )
 
+    def on_train_start(self):
+        planned = self.trainer.estimated_stepping_batches  # the loader exists by now: nothing is rebuilt
+        if self._total_steps is not None and planned != float("inf") and int(planned) != self._total_steps:
+            rank_zero_warn(
+                f"this run is set to {int(planned)} optimizer steps, but the learning-rate schedule it resumes spans "
+                f"{self._total_steps}; the schedule is kept as it was planned"
+                + (" (onecycle cannot step past its end: the run will stop with an error there)."
+                   if self.scheduler_name == "onecycle" else " (past its end the rate stays at its final value)."))
+
     def on_train_epoch_start(self):
         self._last_step_time = None  # the gap across an epoch boundary (evaluation) is not training throughput
 
     def validation_step(self, batch, batch_idx):
+        # Each rank scores its own batch, with no collective per batch: ranks may hold different numbers of
+        # validation batches (an odd-sized set), and a gather in one rank's extra step would wait forever for the
+        # others. The loss is therefore that of val_batch_size pairs whatever the number of devices; Lightning
+        # averages it over all ranks' samples once, at the end of the epoch.
         images, tokens = self._check_batch(batch)
         image_features, text_features = self(images, tokens)
-        loss = self.contrastive_loss(image_features, text_features, sync_grads=False)
+        if self.loss_name == "siglip":
+            loss = siglip_loss(image_features, text_features, self.logit_scale, self.logit_bias)
+        else:
+            loss = clip_loss(image_features, text_features, image_features, text_features, self.logit_scale)
         self.log("val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=images.shape[0])
         return loss
 
@@ -366,14 +415,68 @@ class CLIPModule(L.LightningModule):
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.parameter_groups(), lr=self.lr, betas=self.betas, eps=self.eps)
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup_steps = int(self.warmup * total_steps)
+        total_steps = self._schedule_length()
+        if self.scheduler_name == "onecycle":
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=self.lr, total_steps=total_steps, pct_start=float(self.warmup))
+        else:
+            warmup_steps = int(self.warmup * total_steps)
 
-        def lr_factor(step: int) -> float:
-            if step < warmup_steps:
-                return (step + 1) / warmup_steps
-            progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-            return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+            def lr_factor(step: int) -> float:
+                if step < warmup_steps:
+                    return (step + 1) / warmup_steps
+                progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+                return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _schedule_length(self) -> int:
+        """The number of optimizer steps the schedule spans.
+
+        A fresh run asks the trainer, which builds the training loader to count its batches. A resumed run must
+        not: configure_optimizers runs before the trainer restores the loops from the checkpoint, and a loader
+        built this early is never given its saved position (Lightning issue #20550), so the run would restart
+        the epoch's data from its first batch. It takes the length saved in the checkpoint instead, which also
+        keeps the schedule of the run it continues.
+        """
+        if self.trainer.ckpt_path is None:  # a new run (weights from load_from_checkpoint, if any, are just weights)
+            self._total_steps = self._rng_to_restore = None
+        if self._total_steps is None:
+            if self.trainer.ckpt_path is not None:
+                rank_zero_warn(
+                    f"the checkpoint {self.trainer.ckpt_path} records no schedule length (an older version wrote it): "
+                    "the run resumes, but its data restarts at the first batch of the epoch instead of where it "
+                    "stopped.")
+            steps = self.trainer.estimated_stepping_batches
+            if steps == float("inf"):
+                raise ValueError("the learning-rate schedule needs a finite run: set trainer.max_epochs or "
+                                 "trainer.max_steps")
+            self._total_steps = max(1, int(steps))
+        return self._total_steps
+
+    # ------------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Resuming must continue the same run: the schedule's length (see _schedule_length), and the random
+        # state of every generator the model draws from (drop path), as it is after this step. The data path
+        # needs none: shuffling, text choice and augmentation are seeded by (seed, epoch, sample).
+        checkpoint["rwkv_clip"] = {"total_steps": self._total_steps, "rng": _rng_states(self.device)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        if fitting and self.trainer.strategy.restore_checkpoint_after_setup:
+            rank_zero_warn(
+                f"{type(self.trainer.strategy).__name__} restores checkpoints after configure_optimizers, which has "
+                "built the training loader by then: the run resumes, but its data restarts at the first batch of "
+                "the epoch instead of where it stopped.")
+        saved = checkpoint.get("rwkv_clip", {})
+        self._total_steps = saved.get("total_steps")
+        self._rng_to_restore = saved.get("rng")
+
+    def on_train_batch_start(self, batch, batch_idx):
+        # The first step after a resume continues the random streams where the checkpointed step left them.
+        # Restored here, after the batch was fetched, because the loader draws its worker seeds from the global
+        # generator when it starts, which in the uninterrupted run happened before the checkpoint was written.
+        if self._rng_to_restore is not None:
+            _set_rng_states(self._rng_to_restore, self.device)
+            self._rng_to_restore = None

@@ -1,6 +1,7 @@
 """ImageTextDataModule on tiny LitData directories: batches, text choice, eval transform, resume, bad config, bad data."""
 
 import io
+import json
 import logging
 import random
 from collections import Counter
@@ -12,7 +13,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from litdata.streaming.writer import BinaryWriter
 from PIL import Image
 
-from rwkv_clip.datamodules.image_text import CLIP_MEAN, CLIP_STD, ImageTextDataModule, choose_text
+from rwkv_clip.datamodules.image_text import (CLIP_MEAN, CLIP_STD, ImageTextDataModule, batch_sizes_per_rank,
+                                              choose_text)
+from rwkv_clip.schema import UnsafeDatasetError
 from rwkv_clip.tokenizer import Tokenizer
 
 N = 48
@@ -224,3 +227,119 @@ def test_resume_mid_epoch_continues_at_the_next_sample(data, tmp_path, num_worke
     assert resumed.seen == full.seen[step * 4:]
     # Epoch 1 was reshuffled (it differs from epoch 0) and still covers each sample once.
     assert full.seen[N:] != full.seen[:N] and sorted(full.seen[N:]) == sorted(full.seen[:N])
+
+
+# ----------------------------------------------------------------------------------------- data runs no code
+class _RunsCode:
+    """Pickled, this object runs code when it is unpickled: it creates the file ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.fixture()
+def pickled_data(tmp_path):
+    marker = tmp_path / "code_ran"
+    samples = [{"key": f"k{i}", "image": _jpeg(i), "text": f"t{i}", "payload": _RunsCode(marker)} for i in range(8)]
+    _write(tmp_path / "pickled", samples)
+    assert "pickle" in json.loads((tmp_path / "pickled" / "index.json").read_text())["config"]["data_format"]
+    return tmp_path / "pickled", marker
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_a_field_stored_as_pickle_is_refused_before_any_sample_is_read(data, tmp_path, pickled_data, remote):
+    """litdata unpickles such fields when it reads a sample. `local:` is litdata's remote protocol for a folder: it
+    fetches index.json into the cache, as for s3://, and the check runs on that copy."""
+    path, marker = pickled_data
+    train_dir = f"local:{path}" if remote else str(path)
+    dm = make_dm(data, train_dir=train_dir, val_dir=None, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(UnsafeDatasetError, match=r"'payload' as 'pickle'.*could run code"):
+        dm.setup("fit")
+    assert dm.train_dataset is None and not marker.exists()
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_a_damaged_index_json_is_named(data, tmp_path, remote):
+    damaged = tmp_path / "damaged"
+    _write(damaged, [{"key": "k", "image": _jpeg(0), "text": "t"}])
+    (damaged / "index.json").write_text('{"chunks": [')
+    train_dir = f"local:{damaged}" if remote else str(damaged)
+    with pytest.raises(ValueError, match=r"damaged.index\.json is not valid JSON"):
+        make_dm(data, train_dir=train_dir, val_dir=None, cache_dir=str(tmp_path / "cache")).setup("fit")
+
+
+def test_prepared_data_is_accepted(data):
+    dm = make_dm(data)
+    dm.setup("fit")
+    assert dm.train_dataset.fields == ["key", "image", "text", "synthetic_caption", "generated_caption", "tags"]
+
+
+# --------------------------------------------------------------------------------------- even splits for DDP
+def test_batch_sizes_per_rank_follow_litdata_and_uneven_training_is_refused(data, monkeypatch):
+    """litdata gives every rank the same number of whole batches and, without drop_last, the rest to the last
+    rank: 48 samples in batches of 5 on 2 ranks are 4 + 4 batches and 8 samples left over."""
+    from litdata.utilities.env import _DistributedEnv
+
+    def split(drop_last, num_workers, world_size=2, batch_size=5):
+        dm = make_dm(data, batch_size=batch_size, drop_last=drop_last, num_workers=num_workers)
+        dataset = dm._dataset(dm.train_dir, train=True)
+        dataset.distributed_env = _DistributedEnv(world_size, 0, 1)
+        return dm, dataset, batch_sizes_per_rank(dataset, batch_size, num_workers)
+
+    _, _, sizes = split(drop_last=True, num_workers=0)
+    assert sizes == [[[5, 5, 5, 5]], [[5, 5, 5, 5]]]
+    _, _, sizes = split(drop_last=True, num_workers=2)
+    assert sizes == [[[5, 5], [5, 5]], [[5, 5], [5, 5]]]
+    dm, dataset, sizes = split(drop_last=False, num_workers=0)
+    assert sizes == [[[5, 5, 5, 5]], [[5, 5, 5, 5, 5, 3]]]
+    with pytest.raises(ValueError, match=r"splits unevenly over 2 devices.*\[4, 6\].*drop_last: true"):
+        dm._check_split(dataset, dm.train_dir, "train_dir", 5)
+    dm, dataset, _ = split(drop_last=True, num_workers=0, world_size=16)
+    with pytest.raises(ValueError, match="not one batch of 5 for each of 16 devices"):
+        dm._check_split(dataset, dm.train_dir, "train_dir", 5)
+
+
+def test_every_rank_needs_a_validation_batch(data):
+    from litdata.utilities.env import _DistributedEnv
+
+    dm = make_dm(data, val_batch_size=4)
+    dataset = dm._dataset(dm.val_dir, train=False)  # 10 samples
+    dataset.distributed_env = _DistributedEnv(2, 0, 1)
+    dm._check_split(dataset, dm.val_dir, "val_dir", 4)  # 1 batch each, the last rank 2 more samples
+    assert batch_sizes_per_rank(dataset, 4, 0) == [[[4]], [[4, 2]]]
+    dataset = dm._dataset(dm.val_dir, train=False)
+    dataset.distributed_env = _DistributedEnv(2, 0, 1)
+    with pytest.raises(ValueError, match=r"\[0, 2\] validation batches.*val_batch_size to at most 5"):
+        dm._check_split(dataset, dm.val_dir, "val_dir", 8)
+
+
+def test_augmentation_depends_on_the_sample_and_epoch_not_on_the_worker_layout(tmp_path, data):
+    """Crops and flips are seeded by (seed, epoch, sample): the same with 0 or 2 loader workers, new each epoch."""
+    import numpy as np
+
+    def noise(i):
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (24, 30, 3), dtype=np.uint8)).save(buf, "PNG")
+        return buf.getvalue()
+
+    _write(tmp_path / "noise", [{"key": f"k{i}", "image": noise(i), "text": f"t{i}"} for i in range(12)])
+
+    def epochs(num_workers):
+        dm = make_dm(data, train_dir=str(tmp_path / "noise"), val_dir=None, num_workers=num_workers,
+                     text_sources=["text"])
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        out = []
+        for _ in range(2):  # {text: augmented image} per epoch
+            out.append({dm.tokenizer.decode(t): image for images, tokens in loader for image, t in zip(images, tokens)})
+        return out
+
+    single, multi = epochs(0), epochs(2)
+    for a, b in zip(single, multi):
+        assert a.keys() == b.keys() and len(a) == 12
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert sum(torch.equal(single[0][k], single[1][k]) for k in single[0]) <= 1  # new crops every epoch

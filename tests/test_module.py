@@ -91,13 +91,13 @@ def test_weight_decay_groups_spare_gains_biases_and_temperature():
     assert decay["weight_decay"] == model.weight_decay and no_decay["weight_decay"] == 0.0
 
 
-def _fit(model, steps: int, batch, **trainer_kwargs):
+def _fit(model, steps: int, batch, ckpt_path=None, **trainer_kwargs):
     trainer = L.Trainer(
         accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, **trainer_kwargs,
     )
     loader = DataLoader(TensorDataset(*batch), batch_size=len(batch[0]))
-    trainer.fit(model, train_dataloaders=loader)
+    trainer.fit(model, train_dataloaders=loader, ckpt_path=ckpt_path)
     return trainer
 
 
@@ -142,6 +142,68 @@ def test_warmup_then_cosine_schedule():
     assert lrs[2] == pytest.approx(1e-2)  # the cosine starts at the peak
     assert all(a > b for a, b in zip(lrs[2:], lrs[3:]))  # then strictly decreasing
     assert lrs[-1] == pytest.approx(1e-2 * 0.5 * (1 + math.cos(math.pi * 5 / 6)))
+
+
+def test_onecycle_schedule_is_torch_onecycle_lr_per_step():
+    """scheduler="onecycle" trains with exactly the lr and betas of torch's OneCycleLR(max_lr=lr, pct_start=warmup),
+    stepped once per optimizer step over the run's length."""
+    steps = 20
+    model = make_model(lr=1e-2, scheduler="onecycle", warmup=0.1, betas=(0.9, 0.98))
+    seen = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, *args):
+            group = trainer.optimizers[0].param_groups[0]
+            seen.append((group["lr"], tuple(group["betas"])))
+
+    _fit(model, steps, fixed_batch(4), callbacks=[Record()])
+
+    optimizer = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=1e-2, betas=(0.9, 0.98))
+    reference = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-2, total_steps=steps, pct_start=0.1)
+    expected = []
+    for _ in range(steps):
+        expected.append((optimizer.param_groups[0]["lr"], tuple(optimizer.param_groups[0]["betas"])))
+        optimizer.step()
+        reference.step()
+    assert seen == expected
+    # The published shape: from lr/25 with beta1 0.95, to the peak with beta1 0.85 (step 1 = 10% of 20, minus
+    # one), then down again; beta2 is never touched.
+    assert seen[0] == (pytest.approx(1e-2 / 25), (0.95, 0.98))
+    assert seen[1] == (pytest.approx(1e-2), (pytest.approx(0.85), 0.98))
+    assert all(a[0] > b[0] and a[1][0] < b[1][0] for a, b in zip(seen[1:], seen[2:]))
+
+
+def test_validation_loss_uses_no_collective(monkeypatch):
+    """Ranks may hold different numbers of validation batches: validation_step must not gather."""
+    model = make_model()
+    monkeypatch.setattr(model, "_gather", lambda *a, **k: pytest.fail("validation_step gathered over ranks"))
+    monkeypatch.setattr(model, "log", lambda *a, **k: None)
+    images, tokens = fixed_batch(6)
+    with torch.no_grad():
+        loss = model.validation_step((images, tokens), 0)
+        img, txt = model(images, tokens)
+        assert torch.allclose(loss, clip_loss(img, txt, img, txt, model.logit_scale))
+
+
+def test_a_resumed_run_keeps_the_schedule_length_of_its_checkpoint(tmp_path):
+    """The schedule length is read from the checkpoint, not from a train loader built before the trainer restores
+    its position; a changed run length is reported. Weights loaded for a new run carry no schedule."""
+    model = make_model(lr=1e-2, warmup=0.25)
+    trainer = _fit(model, 4, fixed_batch(4))
+    trainer.save_checkpoint(tmp_path / "four.ckpt")
+    saved = torch.load(tmp_path / "four.ckpt", weights_only=True)  # RNG states are stored as plain tensors
+    assert saved["rwkv_clip"]["total_steps"] == 4 and torch.equal(saved["rwkv_clip"]["rng"]["torch"],
+                                                                  torch.get_rng_state())
+
+    resumed = make_model(lr=1e-2, warmup=0.25)
+    with pytest.warns(UserWarning, match="set to 8 optimizer steps, but the learning-rate schedule it resumes spans 4"):
+        _fit(resumed, 8, fixed_batch(4), ckpt_path=tmp_path / "four.ckpt")
+    assert resumed._total_steps == 4 and resumed.lr_schedulers().last_epoch == 8
+
+    new_run = CLIPModule.load_from_checkpoint(tmp_path / "four.ckpt", image_encoder=TinyImageTower(),
+                                              text_encoder=TinyTextTower(), weights_only=True)
+    _fit(new_run, 6, fixed_batch(4))
+    assert new_run._total_steps == 6
 
 
 def _run_ddp_worker(tmp_path, loss: str, micro_batch_size, steps: int) -> dict:

@@ -22,6 +22,7 @@ YAML (LightningCLI):
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import random
@@ -34,6 +35,7 @@ from litdata import StreamingDataLoader, StreamingDataset
 from PIL import Image
 from torchvision import transforms as T
 
+from rwkv_clip.schema import check_data_format, check_prepared_dir, index_fields, read_index
 from rwkv_clip.tokenizer import TEXT_FIELDS, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -82,32 +84,32 @@ def choose_text(sample: dict[str, Any], sources: Sequence[str], weights: Sequenc
     return sample[present[-1][0]]
 
 
-def dataset_fields(input_dir: str) -> list[str] | None:
-    """Field names recorded in a local LitData ``index.json`` (None when unknown)."""
-    import json
-
-    try:
-        with open(os.path.join(input_dir, "index.json")) as f:
-            config = json.load(f)["config"]
-        if isinstance(config.get("types"), dict):
-            return list(config["types"])
-        spec = json.loads(config["data_spec"])
-        return json.loads(spec[1]["context"])
-    except Exception:  # an unusual index layout only disables the schema check
-        return None
-
-
 class ImageTextDataset(StreamingDataset):
     """StreamingDataset that decodes, augments and tokenizes, so default collation gives ``(images, tokens)``.
 
     A sample whose image cannot be decoded is replaced by the last good sample of this worker (batches keep their
     size, which DDP's all-gather needs), counted in ``num_skipped`` and reported in a warning.
+
+    Nothing stored in the data is run: litdata deserialises each field with the format recorded in
+    ``index.json``, and "pickle" would execute code. The formats are checked against
+    :data:`rwkv_clip.schema.SAFE_DATA_FORMATS` as soon as litdata has the index (fetched, for remote data), before
+    any sample is read; ``fields`` lists the stored field names.
     """
 
     def __init__(self, input_dir: str, tokenizer: Tokenizer, image_transform: Callable[[Image.Image], torch.Tensor],
                  text_sources: Sequence[str] = TEXT_FIELDS, weights: Sequence[float] | None = None,
                  text_seed: int = 0, fixed_text: bool = False, **kwargs: Any) -> None:
-        super().__init__(input_dir, **kwargs)
+        index_name = f"{str(input_dir).rstrip('/')}/index.json"
+        try:
+            super().__init__(input_dir, **kwargs)
+        except json.JSONDecodeError as e:  # raised from inside litdata, which does not say which file
+            raise ValueError(f"{index_name} is not valid JSON ({e}): the dataset's index is damaged; prepare the "
+                             "dataset again, or restore index.json") from None
+        # For remote data self.input_dir.path is litdata's local cache, where it has just fetched index.json.
+        index = read_index(os.path.join(self.input_dir.path, "index.json"))
+        check_data_format(index["config"], index_name)
+        self.fields = index_fields(index["config"])
+        self.num_samples = sum(end - start for start, end in self.region_of_interest)  # in all ranks together
         self.tokenizer = tokenizer
         self.image_transform = image_transform
         self.text_sources = list(text_sources)
@@ -117,17 +119,23 @@ class ImageTextDataset(StreamingDataset):
         self.num_skipped = 0
         self._last_good: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def _text_rng(self, index: int) -> random.Random:
-        # Seeded by (seed, epoch, sample): reproducible, different each epoch, and independent of worker layout,
-        # so a resumed run draws the same texts as an uninterrupted one.
+    def _sample_rng(self, index: int) -> random.Random:
+        # Every random choice for a sample (its crop, flip and text) is seeded by (seed, epoch, sample): different
+        # each epoch, the same whichever loader worker reads it, and the same in a run resumed from a checkpoint.
         epoch = 0 if self.fixed_text else int(getattr(self, "current_epoch", 0))
         return random.Random((self.text_seed * 1_000_003 + epoch) * 2_147_483_647 + index)
 
     def _convert(self, sample: dict[str, Any], index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = self._sample_rng(index)
+        image_seed = rng.getrandbits(63)
         with Image.open(io.BytesIO(sample["image"])) as im:
             im.load()
-            image = self.image_transform(im)
-        text = choose_text(sample, self.text_sources, self.text_weights, self._text_rng(index))
+            # torchvision's random transforms draw from the global torch generator: seed it for this sample, and
+            # give the caller's state back afterwards (with 0 workers the caller is the training process).
+            with torch.random.fork_rng(devices=[]):
+                torch.random.default_generator.manual_seed(image_seed)
+                image = self.image_transform(im)
+        text = choose_text(sample, self.text_sources, self.text_weights, rng)
         return image, self.tokenizer(text)[0]
 
     def __getitem__(self, index: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,6 +169,36 @@ class ImageTextDataset(StreamingDataset):
                            "is the directory a prepared image-text dataset?")
 
 
+def batch_sizes_per_rank(dataset: StreamingDataset, batch_size: int, num_workers: int) -> list[list[list[int]]]:
+    """The sizes of the batches that each loader worker of each rank yields in an epoch (``[rank][worker]``), from
+    litdata's own split of the data over ranks and workers (the same in every epoch)."""
+    dataset.get_len(num_workers, batch_size)  # creates litdata's shuffler, which owns the split
+    workers = max(1, num_workers)
+    env = dataset.distributed_env
+    _, intervals = dataset.shuffler.get_chunks_and_intervals_per_workers(env, workers, batch_size, 1)
+    items = [sum(interval[2] - interval[1] for interval in worker) for worker in intervals]
+    sizes = [[batch_size] * (n // batch_size) + ([n % batch_size] if n % batch_size else []) for n in items]
+    return [sizes[rank * workers:(rank + 1) * workers] for rank in range(env.world_size)]
+
+
+class _StreamingLoader(StreamingDataLoader):
+    """litdata's StreamingDataLoader, which resumes at the sample position of a checkpoint, with one fix.
+
+    ``load_state_dict`` sets ``restore``, so that the next iteration continues from the saved position instead of
+    starting a new epoch; litdata clears it only when that iteration runs to its end. Lightning stops asking for
+    batches once it has the epoch's count, so it never does, and the epoch after a resumed one would then "resume"
+    at the end of the data and train on nothing. The saved position is applied when the iteration starts (the
+    workers are given their indexes then), so ``restore`` is cleared once the first batch arrives.
+    """
+
+    def __iter__(self) -> Any:
+        resuming = self.restore
+        for batch in super().__iter__():
+            if resuming:
+                self.restore = resuming = False
+            yield batch
+
+
 class ImageTextDataModule(L.LightningDataModule):
     """Streams prepared LitData directories as ``(images (B,3,S,S) float, tokens (B,context_length) long)``.
 
@@ -176,10 +214,12 @@ class ImageTextDataModule(L.LightningDataModule):
         text_sources: which texts to draw from, any of ``text``, ``synthetic_caption``, ``generated_caption``
             (or another string field of your data). ``[text]`` disables the generated descriptions.
         weights: relative draw weight per source (same length as ``text_sources``); None = uniform.
-        seed: shuffling and text-choice seed.
+        seed: the seed of the shuffle and of every sample's text choice and augmentation.
         shuffle: shuffle the training set every epoch.
         drop_last: make every rank/worker see the same number of samples (needed by DDP).
-        scale, ratio, hflip, interpolation: train augmentation (DESIGN §5 defaults).
+        scale, ratio, hflip, interpolation: train augmentation: RandomResizedCrop's area and aspect ranges,
+            the flip probability, and the resampling of the crop (the official training resizes bilinearly).
+            Evaluation always resizes bicubically, as CLIP's preprocessing does.
         cache_dir, max_cache_size: litdata cache for remote data.
     """
 
@@ -258,7 +298,7 @@ class ImageTextDataModule(L.LightningDataModule):
 
     def _check_dir(self, path: str, what: str) -> None:
         if path.startswith(_REMOTE_PREFIXES):
-            return
+            return  # checked by ImageTextDataset once litdata has fetched the index
         if not os.path.isdir(path):
             raise FileNotFoundError(
                 f"{what} {path!r} does not exist; create it with "
@@ -267,16 +307,50 @@ class ImageTextDataModule(L.LightningDataModule):
             raise FileNotFoundError(
                 f"{what} {path!r} is not a prepared LitData directory (no index.json); prepare it with "
                 f"`python -m rwkv_clip.datamodules.prepare ... --output {path}`")
-        fields = dataset_fields(path)
-        if fields is not None:
-            if "image" not in fields:
-                raise ValueError(f"{what} {path!r} has no 'image' field (fields: {fields}); it was not written by "
-                                 "rwkv_clip.datamodules.prepare")
-            if not any(s in fields for s in self.text_sources):
-                raise ValueError(f"{what} {path!r} has none of the text sources {self.text_sources} (fields: {fields})")
-            missing = [s for s in self.text_sources if s not in fields]
-            if missing:
-                log.warning("%s %r has no field(s) %s: samples draw from the other sources", what, path, missing)
+        check_prepared_dir(path)  # a damaged index.json or a code-running format, named before litdata reads it
+
+    def _check_split(self, dataset: ImageTextDataset, path: str, what: str, batch_size: int) -> None:
+        """Refuse, at start-up, a split that would hang DDP.
+
+        Every training step gathers the features of all ranks, and DDP all-reduces the gradients, so every rank
+        must take the same number of steps with batches of the same size. Validation has no collective per batch
+        (see CLIPModule.validation_step), but each rank must have at least one batch for the loss to be averaged
+        over ranks once, at the end.
+        """
+        sizes = batch_sizes_per_rank(dataset, batch_size, self.num_workers)
+        world_size = len(sizes)
+        per_rank = [sum(len(worker) for worker in rank) for rank in sizes]
+        devices = f"{world_size} device{'s' if world_size > 1 else ''}"
+        if what == "train_dir":
+            if sum(per_rank) == 0:
+                raise ValueError(f"{what} {path!r} has {dataset.num_samples} samples: not one batch of {batch_size} "
+                                 f"for each of {devices}; lower data.init_args.batch_size")
+            if any(rank != sizes[0] for rank in sizes):
+                left = sum(sum(worker) for worker in sizes[-1]) - sum(sum(worker) for worker in sizes[0])
+                raise ValueError(
+                    f"{what} {path!r} with drop_last: false splits unevenly over {devices}: the ranks get "
+                    f"{per_rank} batches (of up to {batch_size}; the last rank {left} more samples). Every "
+                    "training step gathers features from all ranks, so the run would hang at the first step one "
+                    "rank does not take. Set data.init_args.drop_last: true (each epoch then leaves out fewer than "
+                    f"{batch_size * world_size} samples, different ones each epoch when shuffled).")
+        elif min(per_rank) == 0:
+            raise ValueError(
+                f"{what} {path!r} gives the ranks {per_rank} validation batches of {batch_size} on {devices} "
+                "(litdata splits whole batches over ranks): every rank needs at least one. Lower "
+                f"data.init_args.val_batch_size to at most {dataset.num_samples // world_size}.")
+
+    def _check_fields(self, dataset: ImageTextDataset, path: str, what: str) -> None:
+        fields = dataset.fields
+        if fields is None:  # an unusual index layout only disables the schema check
+            return
+        if "image" not in fields:
+            raise ValueError(f"{what} {path!r} has no 'image' field (fields: {fields}); it was not written by "
+                             "rwkv_clip.datamodules.prepare")
+        if not any(s in fields for s in self.text_sources):
+            raise ValueError(f"{what} {path!r} has none of the text sources {self.text_sources} (fields: {fields})")
+        missing = [s for s in self.text_sources if s not in fields]
+        if missing:
+            log.warning("%s %r has no field(s) %s: samples draw from the other sources", what, path, missing)
 
     # ---------------------------------------------------------------- public attributes
     @property
@@ -291,7 +365,7 @@ class ImageTextDataModule(L.LightningDataModule):
 
     @property
     def eval_transform(self) -> Callable[[Image.Image], torch.Tensor]:
-        return eval_transform(self.image_size, self.interpolation)
+        return eval_transform(self.image_size)
 
     # ---------------------------------------------------------------- lightning hooks
     def _dataset(self, path: str, train: bool) -> ImageTextDataset:
@@ -310,14 +384,21 @@ class ImageTextDataModule(L.LightningDataModule):
         if stage in (None, "fit") and self.train_dataset is None:
             self._check_dir(self.train_dir, "train_dir")
             self.train_dataset = self._dataset(self.train_dir, train=True)
+            self._check_fields(self.train_dataset, self.train_dir, "train_dir")
+            self._check_split(self.train_dataset, self.train_dir, "train_dir", self.batch_size)
         if stage in (None, "fit", "validate") and self.val_dir is not None and self.val_dataset is None:
             self._check_dir(self.val_dir, "val_dir")
             self.val_dataset = self._dataset(self.val_dir, train=False)
+            self._check_fields(self.val_dataset, self.val_dir, "val_dir")
+            self._check_split(self.val_dataset, self.val_dir, "val_dir", self.val_batch_size)
 
     def _loader(self, dataset: ImageTextDataset, batch_size: int) -> StreamingDataLoader:
-        return StreamingDataLoader(dataset, batch_size=batch_size, num_workers=self.num_workers,
-                                   pin_memory=self.pin_memory and torch.cuda.is_available(),
-                                   persistent_workers=False)
+        # A generator of its own: starting an epoch would otherwise draw the workers' base seed from the global
+        # one, which the model's drop path uses, so model randomness would depend on how often loaders start
+        # (validation, a resume). Nothing in a sample depends on that seed (see ImageTextDataset._sample_rng).
+        return _StreamingLoader(dataset, batch_size=batch_size, num_workers=self.num_workers,
+                                pin_memory=self.pin_memory and torch.cuda.is_available(), persistent_workers=False,
+                                generator=torch.Generator().manual_seed(self.seed))
 
     def train_dataloader(self) -> StreamingDataLoader:
         if self.train_dataset is None:
