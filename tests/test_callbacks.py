@@ -417,7 +417,7 @@ cli.trainer.save_checkpoint({str(ckpt)!r})
     proc = subprocess.run(
         [sys.executable, "-c", "import sys, eval_layouts; eval_layouts.patch_torchvision_checksums(); "
          "from rwkv_clip.cli import main; main()", "validate", "--config", str(config),
-         "--model=tiny_clip.TinyCLIPModule", "--ckpt_path", str(ckpt),
+         "--ckpt_path", str(ckpt),
          "--trainer.precision=32-true", "--trainer.accelerator=cpu"],
         cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
