@@ -51,6 +51,7 @@ def main(out_path: str, loss: str, micro_batch_size: str = "none", steps: str = 
     trainer.fit(model)
     if trainer.global_rank == 0:
         torch.save({"rank_losses": model.rank_losses, "grads": capture.grads}, out_path)
+    torch.distributed.destroy_process_group()  # as main.py does: gloo's threads torn down at exit can abort
 
 
 if __name__ == "__main__":

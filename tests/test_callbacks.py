@@ -434,3 +434,4 @@ if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "ddp":
     res = _worker(Path(sys.argv[3]), Path(sys.argv[4]), None, devices=2)
     if res["rank"] == 0:
         Path(sys.argv[2]).write_text(json.dumps({"results": res["results"], "forwards": res["forwards"]}))
+    torch.distributed.destroy_process_group()  # as main.py does: gloo's threads torn down at exit can abort
