@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
@@ -209,15 +210,13 @@ def convert(source: str, destination: str, tokenizer: Optional[str] = "clip") ->
     return out
 
 
-def main(args: Optional[list[str]] = None) -> None:
-    """Command line: ``python -m rwkv_clip.convert SOURCE DESTINATION [--tokenizer clip]``."""
-    from jsonargparse import auto_cli
+def main(argv: Optional[list[str]] = None) -> int:
+    """``python -m rwkv_clip.convert SOURCE DESTINATION [--tokenizer clip]``: the exit status (0 written, 1 bad
+    input, printed as one line without a traceback)."""
+    from rwkv_clip.command import run
 
-    try:
-        auto_cli(convert, args=args)
-    except (ValueError, FileNotFoundError) as err:  # bad input: the message says what to do, no traceback
-        raise SystemExit(f"error: {err}") from err
+    return run(convert, argv, prog="python -m rwkv_clip.convert", positional=("source", "destination"))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
