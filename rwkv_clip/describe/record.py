@@ -33,6 +33,7 @@ MAX_SHOWN_FAILED = 20
 class Summary:
     input: str
     output: str
+    step: str = "describe"
     total: int = 0                 # rows this run is responsible for (all, or the --sample)
     generated: int = 0
     fallback: int = 0
@@ -61,7 +62,7 @@ class Summary:
         return {s: getattr(self, s) for s in STATUSES}
 
     def format(self) -> str:
-        lines = [f"describe: {self.input} -> {self.output}",
+        lines = [f"{self.step}: {self.input} -> {self.output}",
                  f"  rows {self.total}: generated {self.generated} | fallback {self.fallback} | failed {self.failed}"
                  f" | not done {self.total - self.generated - self.fallback - self.failed}",
                  f"  this run: {self.processed} rows in {self.elapsed:.1f} s ({self.rows_per_s:.1f} rows/s)"
@@ -229,7 +230,7 @@ class Recorder:
         self.writer, self.summary, self.flush_every, self.keep_prompts = writer, summary, flush_every, keep_prompts
         self.since_flush, self.last_flush = 0, time.time()
         self.pbar = tqdm(total=summary.total, initial=summary.done_before, unit="row", dynamic_ncols=True,
-                         smoothing=0.05, mininterval=0.5, disable=not progress, desc="describe")
+                         smoothing=0.05, mininterval=0.5, disable=not progress, desc=summary.step)
 
     def record(self, idx: int, row: dict[str, Any], outcome: Outcome) -> None:
         self.writer.write(idx, row, outcome, self.keep_prompts)
