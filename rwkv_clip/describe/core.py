@@ -71,6 +71,8 @@ def describe(
 
     The model merges each row's raw text, synthetic caption and tags into one description (prompt: see
     --prompt_template). Example: python -m rwkv_clip.describe --input rows.csv --base_url http://localhost:8000/v1
+    (also spelled `python -m rwkv_clip.describe rewrite ...`). The captions and tags come from the `caption` and
+    `tags` subcommands, and `all` runs the three steps: `python -m rwkv_clip.describe all --help`.
 
     Every row ends with `status` generated | fallback (the answer was empty, a refusal, too short or repeated
     the prompt: generated_caption = the synthetic caption, else the raw text) | failed (the request failed after

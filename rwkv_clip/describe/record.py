@@ -103,8 +103,9 @@ class OutputPaths:
 
     @classmethod
     def choose(cls, inp: str, in_fmt: str, output: Optional[str], output_format: Optional[str],
-               instruction_data: Optional[str]) -> "OutputPaths":
-        output = output or _default_output(inp, in_fmt, instruction_data)
+               instruction_data: Optional[str], name: str = "described") -> "OutputPaths":
+        """``name``: the default output is INPUT.<name>.<suffix>."""
+        output = output or _default_output(inp, in_fmt, instruction_data, name)
         fmt = output_format or table_format(output)
         if fmt not in OUTPUT_FORMATS:
             raise ValueError(f"output {output}: unknown format from suffix {Path(output).suffix!r}; use one of "
@@ -139,7 +140,7 @@ class OutputPaths:
         return write_parquet(self.path, rows)
 
 
-def _default_output(inp: str, in_fmt: str, instruction_data: Optional[str]) -> str:
+def _default_output(inp: str, in_fmt: str, instruction_data: Optional[str], name: str = "described") -> str:
     if instruction_data:
         return str(Path(instruction_data).with_suffix("")) + ".rows.jsonl"
     p = Path(inp.rstrip("/"))
@@ -149,8 +150,8 @@ def _default_output(inp: str, in_fmt: str, instruction_data: Optional[str]) -> s
             ext = ".parquet"
         except ImportError:
             ext = ".jsonl"
-        return str(p) + ".described" + ext
-    return str(p.with_suffix("")) + ".described" + p.suffix
+        return f"{p}.{name}{ext}"
+    return f"{p.with_suffix('')}.{name}{p.suffix}"
 
 
 def _same_path(a: Path, b: Path) -> bool:

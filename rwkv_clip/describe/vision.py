@@ -75,6 +75,8 @@ def load_image(value: Any, max_side: int = 0) -> LoadedImage:
             fmt = im.format
             im.load()  # decode it all: a truncated file fails here, not inside the model
             pil = im.convert("RGB")
+    except Image.UnidentifiedImageError:
+        raise UnreadableImage(f"{where}: not an image, or a format PIL cannot read") from None
     except Exception as e:  # PIL raises many types for bad data (OSError, SyntaxError, ValueError, ...)
         raise UnreadableImage(f"{where}: not a readable image ({type(e).__name__}: {e})") from None
     mime = _MIME.get(fmt or "")
