@@ -293,3 +293,16 @@ def test_transformers_captioner_missing_package_is_a_clear_error(tmp_path, monke
     with pytest.raises(ImportError, match=r"rwkv-clip\[describe\]"):
         caption(str(inp), str(tmp_path / "o.jsonl"), backend="transformers", model=str(tmp_path / "model"),
                 progress=False)
+
+
+def test_bench_describe_measures_every_backend(tmp_path, capsys, monkeypatch):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_describe
+
+    monkeypatch.chdir(tmp_path)  # no demo data or checkpoint here: the CLIP tagger line says it is skipped
+    results = bench_describe.main(["--delay", "0.01", "--rows1", "4", "--rows16", "16", "--images", "8",
+                                   "--blip", "tiny", "--blip-images", "4", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert set(results) == {"caption openai", "tags openai", "caption transformers blip-tiny"}
+    assert all(v > 0 for v in results.values())
+    assert "captions/s" in out and "tags/s" in out and "CLIP tagger: skipped" in out

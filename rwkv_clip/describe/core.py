@@ -192,10 +192,11 @@ def run_step(reader: RowReader, paths: OutputPaths, make_stage: Callable[[], Sta
                         paths.path)
     select = set(random.Random(seed).sample(range(n), sample)) if sample is not None and sample < n else None
 
+    t_setup = time.time()
     stage = make_stage()
     backend = stage.backend
     summary = Summary(input=str(reader.path), output=str(paths.path), step=step,
-                      total=len(select) if select is not None else reader.total)
+                      total=len(select) if select is not None else reader.total, setup_s=time.time() - t_setup)
     if resume and stale is not None and os.path.exists(paths.journal):
         keep_rows(paths.journal, paths.journal_fmt, lambda _, r: r.values is None or not stale(r.values))
     done = _resume(paths, n, retry_failed, select, summary) if resume and os.path.exists(paths.journal) \

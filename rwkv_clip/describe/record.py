@@ -42,6 +42,7 @@ class Summary:
     done_before: int = 0           # rows found finished in the output by --resume
     processed: int = 0             # rows finished by this run
     elapsed: float = 0.0
+    setup_s: float = 0.0           # of elapsed: loading the model, or reaching the server
     retries: dict = field(default_factory=dict)
     fallback_reasons: dict = field(default_factory=dict)
     failed_rows: list = field(default_factory=list)   # (row, key, reason)
