@@ -385,6 +385,7 @@ def describe_all(
     tagger: Literal["clip", "openai"] = "clip",
     tag_model: Optional[str] = None,
     tag_base_url: Optional[str] = None,
+    tag_tokenizer: Optional[str] = None,
     vocabulary: Optional[str] = None,
     top_k: int = 5,
     threshold: float = 0.05,
@@ -445,6 +446,7 @@ def describe_all(
         tagger: "clip" (zero-shot over --vocabulary) or "openai" (a vision model on a server).
         tag_model: The CLIP checkpoint (--tagger clip) or the vision model name on the server (--tagger openai).
         tag_base_url: Server for tags (default: --caption_base_url, else --base_url).
+        tag_tokenizer: --tagger clip: a tokenizer for a checkpoint that names none (see `tags --help`).
         vocabulary: --tagger clip: one tag per line.
         top_k: At most this many tags per image.
         threshold: --tagger clip: least probability of a kept tag.
@@ -518,7 +520,7 @@ def describe_all(
             _server(caption_backend, caption_url), sample=sample, seed=seed, max_rows=max_rows)
         caption_codes = _statuses(step_paths["caption"].journal, n) if ok else None
         ok = ok and step("tags", StepReader(step_paths["caption"].journal, n, "caption"), lambda: TagStage(
-            _tagger(tagger, tag_model, vocabulary, top_k, threshold, tag_templates, None, tag_url,
+            _tagger(tagger, tag_model, vocabulary, top_k, threshold, tag_templates, tag_tokenizer, tag_url,
                     temperature=0.0, max_tokens=96, **server),
             tags_template, None, top_k, max_image_side),
             _server("openai" if tagger == "openai" else "clip", tag_url), sample=None, seed=seed, max_rows=None,

@@ -220,8 +220,14 @@ class ClipTagger(Backend):
         if bad:
             raise ValueError(f"--tag_templates {bad} must each hold one {{}} for the tag")
         self.torch, self.device = torch, _device(device)
-        self.model, self.preprocess, tok = load_model(checkpoint, map_location=self.device, with_transforms=True,
-                                                      tokenizer=tokenizer)
+        try:
+            self.model, self.preprocess, tok = load_model(checkpoint, map_location=self.device, with_transforms=True,
+                                                          tokenizer=tokenizer)
+        except ValueError as e:
+            if "has no tokenizer" not in str(e):
+                raise
+            raise ValueError(f"{checkpoint} names no tokenizer: pass one with --tokenizer (a tokenizer.json, CLIP's "
+                             "merges file or 'clip'; the demo model's is data/demo/tokenizer.json)") from None
         self.vocabulary, self.top_k, self.threshold = list(vocabulary), top_k, threshold
         self.batch_size, self.concurrency = batch_size, 1
         self.model_name = checkpoint
