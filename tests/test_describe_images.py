@@ -272,6 +272,17 @@ def test_transformers_captioner_matches_the_model(tmp_path):
         want = processor.tokenizer.batch_decode(ids, skip_special_tokens=True)[0]
         assert len(want.split()) == 6 and got[r["key"]]["synthetic_caption"] == clean_answer(want, 37)
 
+    # a text for the model to continue ("a picture of" for BLIP) is given to it and cut from its answer
+    s = caption(str(inp), str(tmp_path / "p.jsonl"), backend="transformers", model=str(tmp_path / "blip"),
+                local_prompt="a picture of", batch_size=3, max_tokens=4, min_words=1, device="cpu", progress=False)
+    got = {r["key"]: r["synthetic_caption"] for r in read_out(tmp_path / "p.jsonl")}
+    with Image.open(tmp_path / rows[0]["image"]) as im:
+        enc = processor(images=[im.convert("RGB")], text=["a picture of"], return_tensors="pt")
+    with torch.inference_mode():
+        ids = model.generate(**enc, max_new_tokens=4, do_sample=False, num_beams=1)
+    want = processor.tokenizer.batch_decode(ids, skip_special_tokens=True)[0]
+    assert want.startswith("a picture of ") and got["k000"] == clean_answer(want[len("a picture of "):], 37)
+
 
 def test_transformers_captioner_needs_a_model_directory(tmp_path):
     pytest.importorskip("transformers")

@@ -174,12 +174,11 @@ class TransformersCaptioner(Backend):
         gen = dict(max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, do_sample=False)
         with torch.inference_mode():
             out = self.model.generate(**enc, **gen)
-        if "input_ids" in enc and self.model.config.is_encoder_decoder is False:  # decoder-only: drop the prompt
-            out = out[:, enc["input_ids"].shape[1]:]
         texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
-        if self.prompt and not self.prompt.startswith("<"):  # BLIP repeats its text prefix; a task token it does not
-            texts = [t[len(self.prompt):].strip() if t.lower().startswith(self.prompt.lower()) else t for t in texts]
-        return texts
+        # BLIP and GIT repeat the text they continue (with other special tokens around it, so it is cut as text);
+        # Florence-2 answers a task token without repeating it.
+        p = " ".join(self.prompt.split()).lower() if self.prompt else ""
+        return [t.strip()[len(p):].strip() if p and t.strip().lower().startswith(p) else t.strip() for t in texts]
 
 
 def read_vocabulary(path: str) -> list[str]:
