@@ -317,3 +317,22 @@ def test_bench_describe_measures_every_backend(tmp_path, capsys, monkeypatch):
     assert set(results) == {"caption openai", "tags openai", "caption transformers blip-tiny"}
     assert all(v > 0 for v in results.values())
     assert "captions/s" in out and "tags/s" in out and "CLIP tagger: skipped" in out
+
+
+def test_bad_options_fail_before_any_output(server, tmp_path):
+    inp = write_csv(tmp_path / "in.csv", [{"path": "img/0.png", "text": "a"}])
+    out = tmp_path / "o.jsonl"
+    with pytest.raises(ValueError, match="--image_key"):
+        caption(str(inp), str(out), base_url=server.url, **FAST)
+    inp = write_csv(tmp_path / "in2.csv", make_pairs(tmp_path, 2))
+    with pytest.raises(ValueError, match="--vocabulary"):
+        tags(str(inp), str(out), model=str(inp), **FAST)
+    (tmp_path / "empty.txt").write_text("# nothing\n\n")
+    with pytest.raises(ValueError, match="holds no tags"):
+        tags(str(inp), str(out), model=str(inp), vocabulary=str(tmp_path / "empty.txt"), **FAST)
+    with pytest.raises(ValueError, match="is not a file"):
+        tags(str(inp), str(out), model=str(tmp_path / "none.ckpt"), vocabulary=str(inp), **FAST)
+    (tmp_path / "bad_prompt.txt").write_text("Describe {caption}")
+    with pytest.raises(ValueError, match="unknown placeholder"):
+        caption(str(inp), str(out), base_url=server.url, prompt_template=str(tmp_path / "bad_prompt.txt"), **FAST)
+    assert not out.exists() and not Path(str(out) + ".describe.json").exists()

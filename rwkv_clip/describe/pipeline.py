@@ -31,7 +31,10 @@ Format = Optional[Literal["csv", "tsv", "jsonl", "parquet", "litdata"]]
 OutFormat = Optional[Literal["csv", "tsv", "jsonl", "parquet"]]
 
 
-def _reader(input: str, image_key: str, text_key: str, id_key: str, input_format: Optional[str]) -> RowReader:
+def _reader(input: str, image_key: str, text_key: str, id_key: str, input_format: Optional[str],
+            max_image_side: int) -> RowReader:
+    if max_image_side < 0:
+        raise ValueError(f"--max_image_side must be >= 0 (0: never shrink), got {max_image_side}")
     return RowReader(input, Columns(key=id_key, image=image_key, text=text_key), input_format, required=(IMAGE,),
                      any_of=())
 
@@ -168,8 +171,8 @@ def caption(
     """
     _check_counts(concurrency=concurrency, flush_every=flush_every, max_words=max_words, min_words=min_words,
                   batch_size=batch_size, max_retries=max_retries, max_consecutive_failures=max_consecutive_failures,
-                  max_image_side=max_image_side + 1, sample=sample)
-    reader = _reader(input, image_key, text_key, id_key, input_format)
+                  sample=sample)
+    reader = _reader(input, image_key, text_key, id_key, input_format, max_image_side)
     paths = OutputPaths.choose(input, reader.fmt, output, output_format, None, name="captioned")
     paths.check_fresh_or_resumable(resume)
     template = PromptTemplate.from_file(prompt_template, max_words, default="caption_prompt.txt", image=True)
@@ -284,8 +287,8 @@ def tags(
     """
     _check_counts(concurrency=concurrency, flush_every=flush_every, top_k=top_k, batch_size=batch_size,
                   max_retries=max_retries, max_consecutive_failures=max_consecutive_failures,
-                  max_image_side=max_image_side + 1, sample=sample)
-    reader = _reader(input, image_key, text_key, id_key, input_format)
+                  sample=sample)
+    reader = _reader(input, image_key, text_key, id_key, input_format, max_image_side)
     paths = OutputPaths.choose(input, reader.fmt, output, output_format, None, name="tagged")
     paths.check_fresh_or_resumable(resume)
     template = PromptTemplate.from_file(prompt_template, top_k, default="tags_prompt.txt", image=True)
@@ -481,8 +484,8 @@ def describe_all(
 
     _check_counts(concurrency=concurrency, flush_every=flush_every, max_words=max_words, top_k=top_k,
                   caption_max_words=caption_max_words, batch_size=batch_size, max_retries=max_retries,
-                  max_consecutive_failures=max_consecutive_failures, max_image_side=max_image_side + 1, sample=sample)
-    reader = _reader(input, image_key, text_key, id_key, input_format)
+                  max_consecutive_failures=max_consecutive_failures, sample=sample)
+    reader = _reader(input, image_key, text_key, id_key, input_format, max_image_side)
     final = Paths.choose(input, reader.fmt, output, output_format, None, name="described")
     steps_dir = Path(final.path + ".steps")
     step_paths = {s: Paths.choose(input, reader.fmt, str(steps_dir / f"{s}.jsonl"), "jsonl", None)

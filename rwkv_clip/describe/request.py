@@ -5,8 +5,9 @@ stage: it keeps ``backend.concurrency`` calls of ``backend.batch_size`` rows in 
 the recorder, stops after too many failed requests in a row, and on Ctrl-C (or any error) cuts off the requests in
 flight at once. Retries with backoff and the redaction of the API key live in the backend (``client.py``).
 
-The LLM rewrite (:class:`RewriteStage`, which writes ``generated_caption``) is one stage. A captioner writing
-``synthetic_caption`` or a tagger writing ``tags`` is another: the same runner, output writer and resume serve it.
+The three steps of RWKV-CLIP's description generation are three stages served by the same runner, output writer
+and resume: :class:`CaptionStage` (``synthetic_caption`` from the image), :class:`TagStage` (``tags``) and
+:class:`RewriteStage` (the LLM's ``generated_caption``).
 """
 
 from __future__ import annotations
