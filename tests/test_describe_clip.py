@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 from rwkv_clip.describe.pipeline import describe_all, tags
 from rwkv_clip.describe.testing import MockChatServer
@@ -34,6 +35,10 @@ def demo_model(tmp_path_factory):
     result = run_main("fit", config, cwd=root / "run", timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return str(root / "ckpt" / "demo.ckpt"), root / "data"
+
+
+def out_image(output: Path, row: dict) -> Path:
+    return output.parent / row["image"]
 
 
 def accuracy(rows: list, classnames: list) -> dict:
@@ -112,3 +117,28 @@ def test_all_steps_on_litdata_with_the_clip_tagger(demo_model, tmp_path):
         assert r["caption_status"] == r["tags_status"] == r["status"] == "generated"
         assert len(r["tags"].split(", ")) == 2 and r["generated_caption"]
     assert os.path.isdir(str(out) + ".steps")
+
+
+OFFICIAL = REPO.parent / "shared" / "data" / "official_rwkv_clip" / "official_tiny.pt"
+
+
+@pytest.mark.skipif(not OFFICIAL.is_file(), reason="../shared/data/official_rwkv_clip is absent")
+def test_a_released_rwkv_clip_file_tags_too(demo_model, tmp_path):
+    # A small randomised RWKV-CLIP saved as the official train.py saves model_31.pt; its 4096-token vocabulary
+    # takes the demo tokenizer's ids. Its tags are noise, but they come through the same path as a real release's.
+    from rwkv_clip.describe.vision import ClipTagger
+
+    _, data = demo_model
+    vocab = tmp_path / "tags.txt"
+    vocab.write_text("\n".join(COLOURS + SHAPES) + "\n")
+    s = tags(str(data / "test"), str(tmp_path / "o.jsonl"), model=str(OFFICIAL), vocabulary=str(vocab),
+             tokenizer=str(data / "tokenizer.json"), top_k=3, threshold=0.0, device="cpu", max_rows=8,
+             progress=False)
+    rows = read_out(tmp_path / "o.jsonl")
+    assert s.processed == 8 and all(r["status"] == "generated" and len(r["tags"].split(", ")) == 3 for r in rows)
+    tagger = ClipTagger(str(OFFICIAL), COLOURS + SHAPES, tokenizer=str(data / "tokenizer.json"), device="cpu")
+    first = next(r for r in rows if r["row"] == 0)
+    with Image.open(out_image(tmp_path / "o.jsonl", first)) as im:
+        probs = tagger.probabilities([im.convert("RGB")])[0]
+    order = [(COLOURS + SHAPES)[i] for i in probs.argsort(descending=True)[:3].tolist()]
+    assert first["tags"].split(", ") == order  # most likely first
