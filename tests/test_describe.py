@@ -397,12 +397,8 @@ def test_parquet_without_pyarrow_is_a_clear_error(server, tmp_path, monkeypatch)
         describe(str(inp), str(tmp_path / "o.parquet"), base_url=server.url, **FAST)
 
 
-def test_transformers_backend_missing_is_a_clear_error(tmp_path):
-    try:
-        import transformers  # noqa: F401
-        pytest.skip("transformers is installed")
-    except ImportError:
-        pass
+def test_transformers_backend_missing_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if it were not installed (the dev extra has it)
     inp = write_csv(tmp_path / "in.csv", make_rows(2))
     with pytest.raises(ImportError, match="pip install transformers"):
         describe(str(inp), str(tmp_path / "o.csv"), backend="transformers", model=str(tmp_path), **FAST)

@@ -80,3 +80,20 @@ def test_kill_and_resume(tmp_path, capsys):
     assert sorted(r["row"] for r in rows) == list(range(n))  # complete, no duplicates
     assert all(r["status"] == "generated" for r in rows)
     assert "rows 150: generated 150" in capsys.readouterr().out
+
+
+def test_subcommands_and_the_bare_form(tmp_path, capsys):
+    for sub, flag in (("caption", "--local_prompt"), ("tags", "--vocabulary"), ("all", "--caption_model"),
+                      ("rewrite", "--instruction_data")):
+        with pytest.raises(SystemExit) as e:
+            main([sub, "--help"])
+        assert e.value.code == 0 and flag in capsys.readouterr().out
+    rows = tmp_path / "in.jsonl"
+    rows.write_text(json.dumps({"text": "a dog on grass", "synthetic_caption": "a dog", "tags": "dog"}) + "\n")
+    with MockChatServer() as s:
+        assert main(["rewrite", "--input", str(rows), "--output", str(tmp_path / "a.jsonl"), "--base_url", s.url,
+                     "--progress", "false"]) == 0
+        assert main(["--input", str(rows), "--output", str(tmp_path / "b.jsonl"), "--base_url", s.url,
+                     "--progress", "false"]) == 0
+    a, b = (json.loads((tmp_path / f"{n}.jsonl").read_text()) for n in "ab")
+    assert a == b and a["status"] == "generated"

@@ -21,8 +21,11 @@ import socket
 import ssl
 import threading
 from collections import Counter
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from rwkv_clip.describe.vision import LoadedImage
 
 log = logging.getLogger("rwkv_clip.describe")
 
@@ -65,6 +68,12 @@ class Backend:
     def complete_batch(self, batch: list[list[dict]]) -> list[str]:
         return [self.complete(m) for m in batch]
 
+    def look(self, batch: list[tuple[Optional[str], str, "LoadedImage"]]) -> list[str]:
+        """Answers about images: one per ``(system prompt or None, user prompt, image)``. A chat backend gets the
+        image inline, as OpenAI-compatible vision servers take it (a base64 data URI in an ``image_url`` part);
+        local vision models (``rwkv_clip.describe.vision``) override this."""
+        return self.complete_batch([image_messages(system, prompt, image) for system, prompt, image in batch])
+
     def redact(self, s: str) -> str:
         return s
 
@@ -73,6 +82,13 @@ class Backend:
 
     def close(self) -> None:
         pass
+
+
+def image_messages(system: Optional[str], prompt: str, image: "LoadedImage") -> list[dict]:
+    """Chat messages asking ``prompt`` about ``image``: the image first, then the text (the order llava-style
+    models were trained with)."""
+    content = [{"type": "image_url", "image_url": {"url": image.data_uri()}}, {"type": "text", "text": prompt}]
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
 
 
 class OpenAIChatClient(Backend):

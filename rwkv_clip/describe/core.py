@@ -13,15 +13,15 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, Literal, Optional
+from typing import Callable, Iterator, Literal, Optional
 
 from rwkv_clip.describe.client import Backend, OpenAIChatClient, TransformersBackend
 from rwkv_clip.describe.prompt import DEFAULT_SYSTEM_PROMPT, PromptTemplate
 from rwkv_clip.describe.read import RowReader
 from rwkv_clip.describe.record import OutputPaths, OutputWriter, Recorder, Summary, load_done
-from rwkv_clip.describe.request import STATUSES, RewriteStage, Runner
+from rwkv_clip.describe.request import STATUSES, RewriteStage, Runner, Stage
 from rwkv_clip.schema import SYNTHETIC_CAPTION, TAGS, TEXT, Columns, format_tags
-from rwkv_clip.tables import Table, write_json_atomic
+from rwkv_clip.tables import Table, keep_rows, write_json_atomic
 
 log = logging.getLogger("rwkv_clip.describe")
 MAX_LISTED_FAILED = 10_000  # in the .describe.json summary; the output file has them all (status=failed)
@@ -71,6 +71,8 @@ def describe(
 
     The model merges each row's raw text, synthetic caption and tags into one description (prompt: see
     --prompt_template). Example: python -m rwkv_clip.describe --input rows.csv --base_url http://localhost:8000/v1
+    (also spelled `python -m rwkv_clip.describe rewrite ...`). The captions and tags come from the `caption` and
+    `tags` subcommands, and `all` runs the three steps: `python -m rwkv_clip.describe all --help`.
 
     Every row ends with `status` generated | fallback (the answer was empty, a refusal, too short or repeated
     the prompt: generated_caption = the synthetic caption, else the raw text) | failed (the request failed after
@@ -132,44 +134,77 @@ def describe(
         max_rows: Stop after this many new rows (a trial run; continue later with --resume true).
         progress: Show a progress bar (rows/s, ETA).
     """
-    t_start = time.time()
-    for name, v, lo in (("concurrency", concurrency, 1), ("flush_every", flush_every, 1),
-                        ("max_words", max_words, 1), ("min_words", min_words, 0), ("batch_size", batch_size, 1),
-                        ("max_retries", max_retries, 0), ("max_consecutive_failures", max_consecutive_failures, 0)):
-        if v < lo:
-            raise ValueError(f"--{name} must be >= {lo}, got {v}")
-    if sample is not None and sample < 1:
-        raise ValueError(f"--sample must be >= 1, got {sample}")
+    _check_counts(concurrency=concurrency, flush_every=flush_every, max_words=max_words, min_words=min_words,
+                  batch_size=batch_size, max_retries=max_retries, max_consecutive_failures=max_consecutive_failures,
+                  sample=sample)
     # Everything that can be wrong with the input, the output path or the prompt fails here, before any output.
     reader = RowReader(input, Columns(key=id_key, image=image_key, text=text_key,
                                       synthetic_caption=synthetic_caption_key, tags=tags_key), input_format)
     paths = OutputPaths.choose(input, reader.fmt, output, output_format, instruction_data)
     paths.check_fresh_or_resumable(resume)
     template = PromptTemplate.from_file(prompt_template, max_words)
+
+    def make_stage() -> Stage:
+        backend_ = _backend(backend, base_url, model, api_key_env, timeout, max_retries, backoff_base, backoff_max,
+                            temperature, max_tokens, extra_body, concurrency, batch_size, device)
+        return RewriteStage(backend_, template, system_prompt, cap_words or max_words + max_words // 4, min_words)
+
+    summary, select = run_step(reader, paths, make_stage, step="describe", resume=resume,
+                               retry_failed=retry_failed, flush_every=flush_every,
+                               max_consecutive_failures=max_consecutive_failures, sample=sample, seed=seed,
+                               max_rows=max_rows, progress=progress, server=f"the server at {base_url}",
+                               keep_prompts=bool(instruction_data))
+    if instruction_data:
+        summary.instruction_pairs = write_instruction_data(paths.journal, paths.journal_fmt, instruction_data,
+                                                           instruction_format, template, system_prompt, select)
+    print(summary.format(), flush=True)
+    return summary
+
+
+def _check_counts(sample: Optional[int] = None, **values: int) -> None:
+    lowest = {"min_words": 0, "max_retries": 0, "max_consecutive_failures": 0}
+    for name, v in values.items():
+        if v < lowest.get(name, 1):
+            raise ValueError(f"--{name} must be >= {lowest.get(name, 1)}, got {v}")
+    if sample is not None and sample < 1:
+        raise ValueError(f"--sample must be >= 1, got {sample}")
+
+
+def run_step(reader: RowReader, paths: OutputPaths, make_stage: Callable[[], Stage], *, step: str, resume: bool,
+             retry_failed: bool, flush_every: int, max_consecutive_failures: int, sample: Optional[int], seed: int,
+             max_rows: Optional[int], progress: bool, server: str, keep_prompts: bool = False,
+             stale: Optional[Callable[[dict], bool]] = None) -> tuple[Summary, Optional[set]]:
+    """Run one stage over the reader's rows into ``paths``: check a resume, build the stage (``make_stage``: the
+    model is up, or a bad key, URL or model stops here, before the output is touched), continue or start the
+    output, run, and write the state file ``OUTPUT.describe.json``. ``stale(record)``: records of an earlier run
+    to redo (``describe all`` redoes a step's rows whose input changed). Returns the summary and the --sample."""
+    t_start = time.time()
     n = len(reader)
-    state = {"input": str(Path(input).resolve()), "n_rows": n, "input_format": reader.fmt,
-             "input_bytes": os.path.getsize(input) if os.path.isfile(input) else None}
+    state = {"input": str(Path(reader.path).resolve()), "n_rows": n, "input_format": reader.fmt,
+             "input_bytes": os.path.getsize(reader.path) if os.path.isfile(reader.path) else None, "step": step}
     if resume and os.path.exists(paths.state):
         old = json.loads(Path(paths.state).read_text(encoding="utf-8"))
         if old.get("input") != state["input"] or old.get("n_rows") != n:
             raise ValueError(f"{paths.path} was made from {old.get('input')} ({old.get('n_rows')} rows), not "
                              f"{state['input']} ({n} rows); choose another --output")
-        if old.get("input_bytes") != state["input_bytes"]:
-            log.warning("%s changed size since %s was started; rows are matched by their index", input, paths.path)
+        if old.get("input_bytes") != state["input_bytes"] and stale is None:
+            log.warning("%s changed size since %s was started; rows are matched by their index", reader.path,
+                        paths.path)
     select = set(random.Random(seed).sample(range(n), sample)) if sample is not None and sample < n else None
 
-    # The model is up (a bad key, URL or model stops here, before the output is touched); now read the output.
-    backend = _backend(backend, base_url, model, api_key_env, timeout, max_retries, backoff_base, backoff_max,
-                       temperature, max_tokens, extra_body, concurrency, batch_size, device)
-    stage = RewriteStage(backend, template, system_prompt, cap_words or max_words + max_words // 4, min_words)
-    summary = Summary(input=str(input), output=str(paths.path), total=len(select) if select is not None else n)
+    t_setup = time.time()
+    stage = make_stage()
+    backend = stage.backend
+    summary = Summary(input=str(reader.path), output=str(paths.path), step=step,
+                      total=len(select) if select is not None else reader.total, setup_s=time.time() - t_setup)
+    if resume and stale is not None and os.path.exists(paths.journal):
+        keep_rows(paths.journal, paths.journal_fmt, lambda _, r: r.values is None or not stale(r.values))
     done = _resume(paths, n, retry_failed, select, summary) if resume and os.path.exists(paths.journal) \
         else bytearray(n)
     Path(paths.path).parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(paths.state, {**state, "status": "running", "output": str(paths.path)})
-    recorder = Recorder(OutputWriter(paths, stage.field), summary, flush_every, progress,
-                        keep_prompts=bool(instruction_data))
-    runner = Runner(stage, max_consecutive_failures, server=f"the server at {base_url}")
+    recorder = Recorder(OutputWriter(paths, stage.field), summary, flush_every, progress, keep_prompts=keep_prompts)
+    runner = Runner(stage, max_consecutive_failures, server=server)
 
     def rows_to_do() -> Iterator[tuple[int, dict]]:
         for taken, (idx, row, error) in enumerate(reader.rows(lambda i: not done[i] and (select is None
@@ -206,11 +241,7 @@ def describe(
 
     if paths.fmt == "parquet":
         paths.write_parquet()
-    if instruction_data:
-        summary.instruction_pairs = write_instruction_data(paths.journal, paths.journal_fmt, instruction_data,
-                                                           instruction_format, template, system_prompt, select)
-    print(summary.format(), flush=True)
-    return summary
+    return summary, select
 
 
 def _backend(kind: str, base_url: str, model: Optional[str], api_key_env: str, timeout: float, max_retries: int,

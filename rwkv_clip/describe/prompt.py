@@ -23,8 +23,8 @@ MAX_FIELD_CHARS = 2000  # a runaway web alt-text must not blow the model's conte
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-def default_template_text() -> str:
-    return resources.files("rwkv_clip.describe").joinpath("prompt.txt").read_text(encoding="utf-8")
+def default_template_text(name: str = "prompt.txt") -> str:
+    return resources.files("rwkv_clip.describe").joinpath(name).read_text(encoding="utf-8")
 
 
 def _words(s: str) -> list[str]:
@@ -34,7 +34,8 @@ def _words(s: str) -> list[str]:
 class PromptTemplate:
     """A user-replaceable prompt. `render(text=..., synthetic_caption=..., tags=...)` -> the user message."""
 
-    def __init__(self, template: str, max_words: int = 40, source: str = "<string>"):
+    def __init__(self, template: str, max_words: int = 40, source: str = "<string>", image: bool = False):
+        """``image``: the prompt goes with the row's image (captions, tags), so it may name no row field."""
         if max_words < 1:
             raise ValueError(f"max_words must be >= 1, got {max_words}")
         names = set(_PLACEHOLDER.findall(template))
@@ -43,7 +44,7 @@ class PromptTemplate:
             raise ValueError(
                 f"prompt template {source} has unknown placeholder(s) {sorted('{' + u + '}' for u in unknown)}; "
                 f"allowed: {', '.join('{' + f + '}' for f in FIELDS)}")
-        if not names & set(PROMPT_FIELDS):
+        if not image and not names & set(PROMPT_FIELDS):
             raise ValueError(f"prompt template {source} uses none of {{text}}, {{synthetic_caption}}, {{tags}}; "
                              "the model would never see the row")
         self.template, self.max_words, self.source = template, max_words, source
@@ -56,14 +57,18 @@ class PromptTemplate:
         self._static_ngrams = {tuple(ws[i:i + 5]) for i in range(len(ws) - 4)}
 
     @classmethod
-    def from_file(cls, path: Optional[str] = None, max_words: int = 40) -> "PromptTemplate":
+    def from_file(cls, path: Optional[str] = None, max_words: int = 40, default: str = "prompt.txt",
+                  image: bool = False) -> "PromptTemplate":
+        """The template in ``path``, or the shipped ``rwkv_clip/describe/<default>`` (``caption_prompt.txt`` and
+        ``tags_prompt.txt`` are the image prompts)."""
         if path is None:
-            return cls(default_template_text(), max_words, source="<default prompt.txt>")
+            return cls(default_template_text(default), max_words, source=f"<default {default}>", image=image)
         p = Path(path)
         if not p.is_file():
-            raise ValueError(f"--prompt_template {path!r} is not a file; pass a text file with "
-                             "{text}, {synthetic_caption}, {tags} (and optionally {max_words}) placeholders")
-        return cls(p.read_text(encoding="utf-8"), max_words, source=str(p))
+            allowed = "{max_words} and optionally {text}" if image else \
+                "{text}, {synthetic_caption}, {tags} (and optionally {max_words})"
+            raise ValueError(f"prompt template {path!r} is not a file; pass a text file with {allowed} placeholders")
+        return cls(p.read_text(encoding="utf-8"), max_words, source=str(p), image=image)
 
     def render(self, text: str = "", synthetic_caption: str = "", tags: str = "") -> str:
         """The user message for one row; ``tags`` as :func:`rwkv_clip.schema.format_tags` writes them."""
@@ -164,3 +169,30 @@ def check_answer(clean: str, template: PromptTemplate, min_words: int = 3) -> Op
     if len(clean.split()) < min_words:
         return f"too short (< {min_words} words)"
     return None
+
+
+_LIST_ITEM = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s*")
+_ARTICLE = re.compile(r"^(?:a|an|the|some)\s+", re.I)
+
+
+def parse_tag_answer(answer: Optional[str], top_k: int, max_tag_words: int = 4) -> list[str]:
+    """Tags from a model's list answer ("dog, red ball, grass", a bulleted or numbered list, "Tags: ..."):
+    lowercased, articles and end punctuation removed, items longer than ``max_tag_words`` words (sentences, not
+    tags) dropped, repeats kept once, at most ``top_k``."""
+    s = _THINK.sub("", answer or "").strip()
+    s = _FENCE.sub("", s).strip()
+    for p in _PREFIXES[:2]:
+        s = p.sub("", s, count=1).strip()
+    s = re.sub(r"^\**\s*(?:tags|objects|labels|list|items)\s*\**\s*:\s*", "", s, flags=re.I)
+    tags, seen = [], set()
+    for part in re.split(r"[,;\n|]", s):
+        tag = _LIST_ITEM.sub("", part)
+        tag = _strip_quotes(" ".join(tag.split()).strip(" .!*"))
+        tag = _ARTICLE.sub("", tag).lower()
+        if not tag or len(tag.split()) > max_tag_words or tag in seen or _REFUSAL.search(tag):
+            continue
+        seen.add(tag)
+        tags.append(tag)
+        if len(tags) == top_k:
+            break
+    return tags

@@ -42,7 +42,8 @@ class RowReader:
     The columns are checked when the reader is made, so a wrong ``--text_key`` fails before any output exists.
     """
 
-    def __init__(self, path: str, columns: Columns = Columns(), fmt: Optional[str] = None) -> None:
+    def __init__(self, path: str, columns: Columns = Columns(), fmt: Optional[str] = None,
+                 required: tuple = (), any_of: tuple = PROMPT_FIELDS) -> None:
         if not os.path.exists(path):
             raise ValueError(f"input {path} does not exist")
         self.path, self.columns = str(path), columns
@@ -57,11 +58,16 @@ class RowReader:
             self._table = Table(self.path, self.fmt)
             self.base_dir = self._table.base_dir
             found = self._table.columns()
-        absent = columns.check(found, f"input {self.path}", any_of=PROMPT_FIELDS)
-        missing = [getattr(columns, f) for f in PROMPT_FIELDS if f in absent]
+        absent = columns.check(found, f"input {self.path}", required=required, any_of=any_of)
+        missing = [getattr(columns, f) for f in any_of if f in absent]
         if missing:
             log.warning("input %s has no column(s) %s; they are treated as empty", self.path, missing)
         self._len: Optional[int] = None
+
+    @property
+    def total(self) -> int:
+        """The rows there are to do (a step reader has fewer than the index range when input rows were unreadable)."""
+        return len(self)
 
     def __len__(self) -> int:
         if self._len is None:
@@ -102,3 +108,31 @@ class RowReader:
         if IMAGE in row:
             row[IMAGE] = image_value(row[IMAGE], self.base_dir)
         return row
+
+
+class StepReader(RowReader):
+    """The finished output of one step of ``describe all`` as the input of the next, under the first input's row
+    indices: each record starts with ``row`` (its index in the first input) and ends with the step's ``status`` and
+    ``reason``, which are carried on as ``<step>_status`` and ``<step>_reason``."""
+
+    def __init__(self, path: str, n_rows: int, step: str) -> None:
+        super().__init__(path, Columns(), "jsonl", any_of=())
+        self._len, self.step = n_rows, step
+        self._total: Optional[int] = None
+
+    @property
+    def total(self) -> int:
+        if self._total is None:
+            self._total = sum(1 for _ in self.rows())
+        return self._total
+
+    def rows(self, want: Optional[Callable[[int], bool]] = None) -> Iterator[tuple[int, Optional[dict], Optional[str]]]:
+        for row in self._table:
+            if row.values is None or not row.ended:  # the step finished, so its journal was cleaned by the resume
+                continue
+            values = dict(row.values)
+            idx = int(values.pop("row"))
+            if want is None or want(idx):
+                values[f"{self.step}_status"] = values.pop("status", "")
+                values[f"{self.step}_reason"] = values.pop("reason", "")
+                yield idx, self.canonical(values), None

@@ -33,6 +33,7 @@ MAX_SHOWN_FAILED = 20
 class Summary:
     input: str
     output: str
+    step: str = "describe"
     total: int = 0                 # rows this run is responsible for (all, or the --sample)
     generated: int = 0
     fallback: int = 0
@@ -41,6 +42,7 @@ class Summary:
     done_before: int = 0           # rows found finished in the output by --resume
     processed: int = 0             # rows finished by this run
     elapsed: float = 0.0
+    setup_s: float = 0.0           # of elapsed: loading the model, or reaching the server
     retries: dict = field(default_factory=dict)
     fallback_reasons: dict = field(default_factory=dict)
     failed_rows: list = field(default_factory=list)   # (row, key, reason)
@@ -61,7 +63,7 @@ class Summary:
         return {s: getattr(self, s) for s in STATUSES}
 
     def format(self) -> str:
-        lines = [f"describe: {self.input} -> {self.output}",
+        lines = [f"{self.step}: {self.input} -> {self.output}",
                  f"  rows {self.total}: generated {self.generated} | fallback {self.fallback} | failed {self.failed}"
                  f" | not done {self.total - self.generated - self.fallback - self.failed}",
                  f"  this run: {self.processed} rows in {self.elapsed:.1f} s ({self.rows_per_s:.1f} rows/s)"
@@ -102,8 +104,9 @@ class OutputPaths:
 
     @classmethod
     def choose(cls, inp: str, in_fmt: str, output: Optional[str], output_format: Optional[str],
-               instruction_data: Optional[str]) -> "OutputPaths":
-        output = output or _default_output(inp, in_fmt, instruction_data)
+               instruction_data: Optional[str], name: str = "described") -> "OutputPaths":
+        """``name``: the default output is INPUT.<name>.<suffix>."""
+        output = output or _default_output(inp, in_fmt, instruction_data, name)
         fmt = output_format or table_format(output)
         if fmt not in OUTPUT_FORMATS:
             raise ValueError(f"output {output}: unknown format from suffix {Path(output).suffix!r}; use one of "
@@ -138,7 +141,7 @@ class OutputPaths:
         return write_parquet(self.path, rows)
 
 
-def _default_output(inp: str, in_fmt: str, instruction_data: Optional[str]) -> str:
+def _default_output(inp: str, in_fmt: str, instruction_data: Optional[str], name: str = "described") -> str:
     if instruction_data:
         return str(Path(instruction_data).with_suffix("")) + ".rows.jsonl"
     p = Path(inp.rstrip("/"))
@@ -148,8 +151,8 @@ def _default_output(inp: str, in_fmt: str, instruction_data: Optional[str]) -> s
             ext = ".parquet"
         except ImportError:
             ext = ".jsonl"
-        return str(p) + ".described" + ext
-    return str(p.with_suffix("")) + ".described" + p.suffix
+        return f"{p}.{name}{ext}"
+    return f"{p.with_suffix('')}.{name}{p.suffix}"
 
 
 def _same_path(a: Path, b: Path) -> bool:
@@ -229,7 +232,7 @@ class Recorder:
         self.writer, self.summary, self.flush_every, self.keep_prompts = writer, summary, flush_every, keep_prompts
         self.since_flush, self.last_flush = 0, time.time()
         self.pbar = tqdm(total=summary.total, initial=summary.done_before, unit="row", dynamic_ncols=True,
-                         smoothing=0.05, mininterval=0.5, disable=not progress, desc="describe")
+                         smoothing=0.05, mininterval=0.5, disable=not progress, desc=summary.step)
 
     def record(self, idx: int, row: dict[str, Any], outcome: Outcome) -> None:
         self.writer.write(idx, row, outcome, self.keep_prompts)

@@ -5,8 +5,9 @@ stage: it keeps ``backend.concurrency`` calls of ``backend.batch_size`` rows in 
 the recorder, stops after too many failed requests in a row, and on Ctrl-C (or any error) cuts off the requests in
 flight at once. Retries with backoff and the redaction of the API key live in the backend (``client.py``).
 
-The LLM rewrite (:class:`RewriteStage`, which writes ``generated_caption``) is one stage. A captioner writing
-``synthetic_caption`` or a tagger writing ``tags`` is another: the same runner, output writer and resume serve it.
+The three steps of RWKV-CLIP's description generation are three stages served by the same runner, output writer
+and resume: :class:`CaptionStage` (``synthetic_caption`` from the image), :class:`TagStage` (``tags``) and
+:class:`RewriteStage` (the LLM's ``generated_caption``).
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
 from rwkv_clip.describe.client import Backend, FatalBackendError, RequestFailed
-from rwkv_clip.describe.prompt import PromptTemplate, check_answer, clean_answer
-from rwkv_clip.schema import GENERATED_CAPTION, SYNTHETIC_CAPTION, TAGS, TEXT, format_tags
+from rwkv_clip.describe.prompt import PromptTemplate, check_answer, clean_answer, parse_tag_answer
+from rwkv_clip.schema import GENERATED_CAPTION, IMAGE, SYNTHETIC_CAPTION, TAGS, TEXT, format_tags
 
 log = logging.getLogger("rwkv_clip.describe")
 
@@ -90,6 +91,62 @@ class RewriteStage(Stage):
         if rejected is None:
             return Outcome("generated", clean, "", request)
         return Outcome("fallback", row.get(SYNTHETIC_CAPTION) or row.get(TEXT) or "", rejected, request)
+
+
+class ImageStage(Stage):
+    """A field written from the row's image. The image is read and decoded here, in the runner's thread: a row
+    whose image is missing or unreadable becomes ``failed`` with the reason (it stays in the output, and a resume
+    tries it again), without a request and without counting towards the failure streak."""
+
+    def __init__(self, backend: Backend, template: PromptTemplate, system_prompt: Optional[str] = None,
+                 max_image_side: int = 0) -> None:
+        self.backend, self.template, self.system_prompt = backend, template, system_prompt
+        self.max_image_side = max_image_side
+
+    def plan(self, row: dict[str, Any]) -> Any:
+        from rwkv_clip.describe.vision import UnreadableImage, load_image
+
+        try:
+            image = load_image(row.get(IMAGE), self.max_image_side)
+        except UnreadableImage as e:
+            return Outcome("failed", "", f"unreadable image: {e}")
+        return self.system_prompt, self.template.render(row.get(TEXT, "")), image
+
+    def ask(self, requests: list) -> list[str]:
+        return self.backend.look(requests)
+
+
+class CaptionStage(ImageStage):
+    """Step 1 of RWKV-CLIP's description generation: a captioner writes ``synthetic_caption`` from the image.
+    Unusable answers (empty, a refusal, an echo of the prompt, too short) fall back to "" with the reason."""
+
+    field = SYNTHETIC_CAPTION
+
+    def __init__(self, backend: Backend, template: PromptTemplate, system_prompt: Optional[str], cap_words: int,
+                 min_words: int, max_image_side: int = 0) -> None:
+        super().__init__(backend, template, system_prompt, max_image_side)
+        self.cap_words, self.min_words = cap_words, min_words
+
+    def judge(self, row: dict[str, Any], request: Any, answer: str) -> Outcome:
+        clean = clean_answer(answer, self.cap_words)
+        rejected = check_answer(clean, self.template, self.min_words)
+        return Outcome("generated", clean) if rejected is None else Outcome("fallback", "", rejected)
+
+
+class TagStage(ImageStage):
+    """Step 2: a tagger lists the objects in the image as ``tags`` ("dog, ball, grass"), at most ``top_k``. An
+    answer with no tag in it (a refusal, nothing above the CLIP tagger's threshold) falls back to ""."""
+
+    field = TAGS
+
+    def __init__(self, backend: Backend, template: PromptTemplate, system_prompt: Optional[str], top_k: int,
+                 max_image_side: int = 0) -> None:
+        super().__init__(backend, template, system_prompt, max_image_side)
+        self.top_k = top_k
+
+    def judge(self, row: dict[str, Any], request: Any, answer: str) -> Outcome:
+        tags = parse_tag_answer(answer, self.top_k)
+        return Outcome("generated", ", ".join(tags)) if tags else Outcome("fallback", "", "no tags in the answer")
 
 
 class TooManyFailures(RuntimeError):

@@ -2,7 +2,9 @@
 
 It answers deterministically (the answer is derived from a hash of the user message) and misbehaves on cue:
 a marker `[[ACTION]]` or `[[ACTIONxN]]` anywhere in the user message (e.g. in the row's text) applies ACTION to
-every request for that message, or only to the first N of them, after which it answers normally.
+every request for that message, or only to the first N of them, after which it answers normally. Images sent
+inline (vision requests) are decoded and answered from (see :func:`mock_answer`); a marker may also sit inside an
+image file's bytes (e.g. a PNG text chunk), to make one image's requests misbehave.
 
 ACTION: 500 | 503 | 429 (with Retry-After: 0) | 400 (echoes the Authorization header after `echo_prefix` filler
 characters, to test redaction wherever the key falls in the body) |
@@ -14,22 +16,56 @@ with the prompt) | prefix ('Here is the description: "..."') | long (a 300-word 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
+import io
 import json
 import re
 import threading
 import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Optional
+from typing import Optional, Sequence
 
 _MARK = re.compile(r"\[\[([a-z0-9]+?)(?:x(\d+))?\]\]")
 
 
-def mock_answer(content: str) -> str:
-    """The answer the mock server gives to a well-behaved request with this user message."""
-    h = hashlib.sha1(content.encode("utf-8")).hexdigest()[:10]
-    return f"A mock photo {h} of the scene described in the row."
+def mock_answer(content: str, images: Sequence[bytes] = ()) -> str:
+    """The answer the mock server gives to a well-behaved request with this user message (its text) and images.
+    With an image it answers like a vision model that looked at it: the colour of the image's mean pixel, an id
+    of the request, and the size ("red object, mock photo 1a2b3c4d5e, 64x64 pixels")."""
+    h = hashlib.sha1(content.encode("utf-8") + b"".join(hashlib.sha1(b).digest() for b in images)).hexdigest()[:10]
+    if not images:
+        return f"A mock photo {h} of the scene described in the row."
+    from PIL import Image, ImageStat
+
+    with Image.open(io.BytesIO(images[0])) as im:
+        rgb = im.convert("RGB")
+    r, g, b = ImageStat.Stat(rgb).mean
+    colour = "gray" if max(r, g, b) - min(r, g, b) < 40 else \
+        "yellow" if min(r, g) > 1.6 * b else ("red", "green", "blue")[(r, g, b).index(max(r, g, b))]
+    return f"{colour} object, mock photo {h}, {rgb.width}x{rgb.height} pixels"
+
+
+def request_text(content) -> tuple[str, list[bytes]]:
+    """The text of a user message and the bytes of its inline images (OpenAI "content parts": text and
+    image_url with a base64 data URI). Raises ValueError for an image that is not a base64 data URI."""
+    if isinstance(content, str):
+        return content, []
+    texts, images = [], []
+    for part in content:
+        if part.get("type") == "text":
+            texts.append(part["text"])
+        elif part.get("type") == "image_url":
+            url = part["image_url"]["url"]
+            head, _, payload = url.partition(",")
+            if not (head.startswith("data:image/") and head.endswith(";base64")):
+                raise ValueError(f"not a base64 image data URI: {url[:40]!r}")
+            images.append(base64.b64decode(payload, validate=True))
+        else:
+            raise ValueError(f"unknown content part {part.get('type')!r}")
+    return "\n".join(texts), images
 
 
 class MockChatServer:
@@ -42,6 +78,7 @@ class MockChatServer:
         self.seen: Counter = Counter()       # user message -> requests received
         self.log: list = []                  # (monotonic time, user message, action or "ok", status)
         self.auth_headers: set = set()
+        self.images = 0                      # inline images received
         self._httpd: Optional[ThreadingHTTPServer] = None
         self._thread: Optional[threading.Thread] = None
 
@@ -143,10 +180,17 @@ class _Handler(BaseHTTPRequestHandler):
             return
         try:
             req = json.loads(body)
-            content = [m["content"] for m in req["messages"] if m["role"] == "user"][-1]
-        except (ValueError, KeyError, IndexError, TypeError):
+            content, images = request_text([m["content"] for m in req["messages"] if m["role"] == "user"][-1])
+        except (ValueError, KeyError, IndexError, TypeError, binascii.Error):
             self._json(400, {"error": {"message": "bad request body"}})
             return
+        text = content
+        if images:  # the request is told apart by its images too; a marker may sit in an image's bytes
+            content += "".join(f"\n[image {hashlib.sha1(b).hexdigest()[:12]}] "
+                               + " ".join(m.group(0) for m in _MARK.finditer(b.decode("latin-1")))
+                               for b in images)
+            with self.mock.lock:
+                self.mock.images += len(images)
         if req.get("model") != self.mock.model:
             self._json(404, {"error": {"message": f"The model `{req.get('model')}` does not exist."}})
             return
@@ -154,7 +198,11 @@ class _Handler(BaseHTTPRequestHandler):
         if self.mock.delay:
             time.sleep(self.mock.delay)
         status = 200
-        answer = mock_answer(content)
+        try:
+            answer = mock_answer(text, images)
+        except Exception as e:  # a vision server answers 400 to an image it cannot decode
+            self._json(400, {"error": {"message": f"cannot read the image: {e}"}})
+            return
         if act in ("500", "503"):
             status = int(act)
             self._json(status, {"error": {"message": "internal error"}})
