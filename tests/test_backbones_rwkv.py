@@ -205,7 +205,7 @@ def test_grad_checkpointing_gives_same_gradients(tower):
 
 def test_drop_path_is_linear_over_blocks_and_off_in_eval():
     v = VisionRWKV(img_size=32, patch_size=8, width=32, depth=4, head_size=8, drop_path_rate=0.3)
-    assert [round(b.drop_prob, 6) for b in v.blocks] == [0.0, 0.1, 0.2, 0.3]
+    assert [round(b.drop_path.drop_prob, 6) for b in v.blocks] == [0.0, 0.1, 0.2, 0.3]
     perturb(v).eval()
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(v(x), v(x))
