@@ -270,10 +270,12 @@ def test_parameter_names_support_the_weight_decay_rules():
 
 
 def test_parameter_counts_of_published_configs():
+    from rwkv_clip.backbones import create_tower
+
     with torch.device("meta"):
-        b32 = VisionRWKV(img_size=224, patch_size=32)
-        b16 = VisionRWKV(img_size=224, patch_size=16)
-        text = TextRWKV()
+        b32 = create_tower("vision_rwkv_b32")
+        b16 = create_tower("vision_rwkv_b16")
+        text = create_tower("text_rwkv_b32")
     print(f"\nVisionRWKV B/32: {count(b32):,}  B/16: {count(b16):,}  TextRWKV: {count(text):,}")
     assert count(b32) == 84_207_360
     assert count(b16) == 82_826_880
