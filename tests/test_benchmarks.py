@@ -80,3 +80,17 @@ def test_micro_batch_benchmark_runs_both_paths(capsys):
     rows = [line.split() for line in out.splitlines() if line.strip().startswith(("whole", "4 "))]
     assert [r[0] for r in rows] == ["whole", "4"], out
     assert float(rows[0][3]) == 1.0 and float(rows[1][3]) > 0  # ratios to the unchunked step
+
+
+def test_params_counts_each_config_as_built_from_its_class_paths(capsys):
+    """--params builds the config's model with Lightning's instantiate_class; its total is the registry towers'."""
+    from rwkv_clip.backbones import create_tower
+    from rwkv_clip.module import CLIPModule
+
+    config = "configs/ablations/demo_vit_transformer.yaml"
+    assert bench_backbones.main(["--params", config]) == 0
+    row = next(line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(config))
+    model = CLIPModule(create_tower("vit_demo"), create_tower("text_transformer_demo"), embed_dim=64)
+    count = lambda m: sum(p.numel() for p in m.parameters()) / 1e6  # noqa: E731
+    printed = [float(row[i]) for i in (1, 2, 4)]  # image, text, total, in millions to 2 decimals
+    assert printed == pytest.approx([count(model.image_encoder), count(model.text_encoder), count(model)], abs=0.0051)

@@ -106,3 +106,12 @@ def test_no_weight_decay_names_real_parameters():
     text = create_tower("text_rwkv_demo").no_weight_decay()
     assert "blocks.0.att.time_faaaa" in text and "blocks.0.ffn.time_maa_r" in text
     assert not any(n.endswith(("_w1", "_w2")) for n in text)  # the low-rank matrices decay
+
+
+def test_blocks_take_keyword_arguments_only():
+    with pytest.raises(TypeError):
+        rwkv.Block(32, 8, 48, 0, 2)
+    with pytest.raises(TypeError):
+        transformer.Block(32, 4, 4.0)
+    block = rwkv.Block(dim=32, head_size=8, hidden=48, layer_id=0, n_layer=2, drop_path=0.1)
+    assert block.drop_path.drop_prob == 0.1 and hasattr(block, "ln0")
