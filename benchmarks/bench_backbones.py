@@ -22,8 +22,8 @@ between the two largest sizes (<= 1.15 passes; attention that stored the T x T s
 Why the times differ (printed under the 224/32 and T = 1024 targets): each tower's GEMM+conv FLOPs (torch's
 FlopCounterMode) and the profiler's split of its step into GEMMs, the patch conv, the token mixer (Bi-WKV scan or
 attention kernel) and everything else. Then the same pair at the ablation configs' sizes, parameter-matched
-(VisionRWKV 640x12 of rwkv_rwkv.yaml against ViT-B/32 of vit_transformer.yaml, 224/32, batch 8; skip it with
-``--no-matched``): that is what swapping ``class_path`` in YAML costs.
+(``vision_rwkv_b32``, the VisionRWKV 640x12 of rwkv_rwkv.yaml, against ``vit_b32``, the ViT-B/32 of
+vit_transformer.yaml, both from ``rwkv_clip.backbones.create_tower``; 224/32, batch 8; skip it with ``--no-matched``): that is what swapping ``class_path`` in YAML costs.
 
 Targets (DESIGN / issue 6): the RWKV image tower takes <= 1.2x the ViT's time at 224/32, is faster than the
 ViT from T = 1024 on (judged at every size with T >= 1024: 512/16 and 1024/16), and its
@@ -65,44 +65,40 @@ def _reset_peak() -> bool:
         return False
 
 
+# The towers compared, by their registry name (rwkv_clip.backbones.create_tower); the sweep resizes them.
+IMAGE_TOWERS = {"rwkv": "vision_rwkv_b32", "vit": "vit_b32"}
+TEXT_TOWERS = {"rwkv": "text_rwkv_b32", "transformer": "text_transformer_b32"}
+
+
 def _build_tower(spec: dict, family: str):
-    """One tower of ``spec``'s kind and size, in train mode, with its random input batch."""
+    """One tower of ``spec``'s kind and size, in train mode and without stochastic depth, with its random input
+    batch. kind "registry": the named tower as it is; "image" / "text": the family's B/32 tower at the sweep's
+    width, depth and heads (each keeps its own channel-MLP ratio)."""
     import torch
 
-    B = spec["batch"]
-    if spec["kind"] == "config":  # the image tower of an ablation config, without stochastic depth
-        import yaml
+    from rwkv_clip.backbones import create_tower
 
-        node = yaml.safe_load((ROOT / spec["configs"][family]).read_text())["model"]["init_args"]["image_encoder"]
-        node.setdefault("init_args", {})["drop_path_rate"] = 0.0
-        return _build(node).train(), torch.randn(B, 3, spec["res"], spec["res"])
-    w, d = spec["width"], spec["depth"]
-    heads = w // spec["head_size"]
+    B = spec["batch"]
+    if spec["kind"] == "registry":
+        return create_tower(spec["towers"][family], drop_path_rate=0.0).train(), torch.randn(B, 3, spec["res"], spec["res"])
+    w, d, head_size = spec["width"], spec["depth"], spec["head_size"]
     if spec["kind"] == "image":
         res, patch = spec["res"], spec["patch"]
+        size = dict(img_size=res, patch_size=patch, depth=d, drop_path_rate=0.0)
         if family == "rwkv":
-            from rwkv_clip.backbones.rwkv import VisionRWKV
-
-            model = VisionRWKV(img_size=res, patch_size=patch, width=w, depth=d, head_size=spec["head_size"],
-                               drop_path_rate=0.0)
+            model = create_tower(IMAGE_TOWERS[family], width=w, head_size=head_size, **size)
         else:
-            from rwkv_clip.backbones.vit import TimmViT
-
-            model = TimmViT("vit_small_patch16_224", img_size=res, patch_size=patch, embed_dim=w, depth=d,
-                            num_heads=heads, dynamic_img_size=False)
+            model = create_tower(IMAGE_TOWERS[family], embed_dim=w, num_heads=w // head_size, dynamic_img_size=False,
+                                 **size)
         x = torch.randn(B, 3, res, res)
     else:
-        L, vocab = spec["context"], 49408
+        L = spec["context"]
         if family == "rwkv":
-            from rwkv_clip.backbones.rwkv import TextRWKV
-
-            model = TextRWKV(vocab_size=vocab, context_length=L, width=w, depth=d, head_size=spec["head_size"],
-                             ffn_hidden=int(3.5 * w))
+            model = create_tower(TEXT_TOWERS[family], context_length=L, width=w, depth=d, head_size=head_size,
+                                 ffn_hidden=int(3.5 * w))
         else:
-            from rwkv_clip.backbones.transformer import TextTransformer
-
-            model = TextTransformer(vocab_size=vocab, context_length=L, width=w, layers=d, heads=heads)
-        x = torch.randint(1, vocab, (B, L))  # full-length captions: no padding, every position costs
+            model = create_tower(TEXT_TOWERS[family], context_length=L, width=w, layers=d, heads=w // head_size)
+        x = torch.randint(1, model.vocab_size, (B, L))  # full-length captions: no padding, every position costs
     return model.train(), x
 
 
@@ -221,15 +217,15 @@ def run_spec(spec: dict, timeout: float) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _build(node):
-    """Instantiate a ``class_path`` / ``init_args`` YAML node (recursively), as LightningCLI would."""
-    import importlib
+def build_model(node: dict):
+    """The model of a config's ``model`` node, built as LightningCLI builds it: each ``class_path`` with
+    Lightning's ``instantiate_class``, the towers first."""
+    from lightning.pytorch.cli import instantiate_class
 
-    if isinstance(node, dict) and "class_path" in node:
-        module, _, name = node["class_path"].rpartition(".")
-        cls = getattr(importlib.import_module(module), name)
-        return cls(**{k: _build(v) for k, v in (node.get("init_args") or {}).items()})
-    return node
+    init_args = dict(node.get("init_args") or {})
+    for key in ("image_encoder", "text_encoder"):
+        init_args[key] = instantiate_class((), init_args[key])
+    return instantiate_class((), {"class_path": node["class_path"], "init_args": init_args})
 
 
 def count_params(configs: list[str]) -> int:
@@ -242,7 +238,7 @@ def count_params(configs: list[str]) -> int:
     for path in configs:
         cfg = yaml.safe_load(Path(path).read_text())
         with torch.device("meta"):  # shapes only: no memory, no (slow) weight init
-            model = _build(cfg["model"])
+            model = build_model(cfg["model"])
         n = lambda m: sum(p.numel() for p in m.parameters()) / 1e6  # noqa: E731
         img, txt, tot = n(model.image_encoder), n(model.text_encoder), n(model)
         print(f"{path:<45} {img:>8.2f} {txt:>8.2f} {tot - img - txt:>10.3f} {tot:>8.2f}")
@@ -365,8 +361,8 @@ def main(argv=None) -> int:
 
         if args.matched:
             # What swapping the image tower in YAML costs: the ablation configs' towers, parameter-matched.
-            configs = {"rwkv": "configs/ablations/rwkv_rwkv.yaml", "vit": "configs/ablations/vit_transformer.yaml"}
-            pair = measure({**base, "kind": "config", "configs": configs, "res": 224, "batch": 8, "explain": True},
+            # The image towers of configs/ablations/rwkv_rwkv.yaml and vit_transformer.yaml, as they are.
+            pair = measure({**base, "kind": "registry", "towers": IMAGE_TOWERS, "res": 224, "batch": 8, "explain": True},
                            ["rwkv", "vit"], args.timeout)
             results.extend(pair.values())
             print(f"\nparameter-matched image towers of the ablation configs, 224/32, batch 8 (no stochastic depth)")

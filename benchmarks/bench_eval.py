@@ -19,7 +19,6 @@ import tempfile
 import time
 
 import torch
-import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -31,15 +30,12 @@ from rwkv_clip.callbacks import (  # noqa: E402
 )
 
 
-def build_b32(config: str = "configs/rwkv_clip_b32.yaml"):
-    from rwkv_clip.backbones import TextRWKV, VisionRWKV
+def build_b32():
+    """RWKV-CLIP-B/32 with random weights: the towers of configs/rwkv_clip_b32.yaml, no projection."""
+    from rwkv_clip.backbones import create_tower
     from rwkv_clip.module import CLIPModule
 
-    with open(config) as f:
-        m = yaml.safe_load(f)["model"]["init_args"]
-    return CLIPModule(
-        VisionRWKV(**m["image_encoder"]["init_args"]), TextRWKV(**m["text_encoder"]["init_args"]), m.get("embed_dim")
-    ).eval()
+    return CLIPModule(create_tower("vision_rwkv_b32"), create_tower("text_rwkv_b32")).eval()
 
 
 def bench_b32(args) -> None:

@@ -33,15 +33,15 @@ def worker(spec: dict) -> dict:
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_backbones import _reset_peak, _rss_kib
-    from rwkv_clip.backbones import TextRWKV, VisionRWKV
+    from rwkv_clip.backbones import create_tower
     from rwkv_clip.module import CLIPModule
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     w, d, B = spec["width"], spec["depth"], spec["batch"]
     model = CLIPModule(
-        VisionRWKV(width=w, depth=d, head_size=64, drop_path_rate=0.0),
-        TextRWKV(width=w, depth=d, head_size=64, ffn_hidden=int(3.5 * w)),
+        create_tower("vision_rwkv_b32", width=w, depth=d, head_size=64, drop_path_rate=0.0),
+        create_tower("text_rwkv_b32", width=w, depth=d, head_size=64, ffn_hidden=int(3.5 * w)),
         micro_batch_size=spec["micro"],
     ).train()
     images, tokens = torch.randn(B, 3, 224, 224), torch.randint(1, 49408, (B, 77))

@@ -60,10 +60,8 @@ def _build_tower(spec: Any, allowed_classes: Sequence[type], what: str) -> nn.Mo
     if init_args.get("pretrained_path") is not None:
         init_args["pretrained_path"] = None  # the checkpoint holds the tower's weights
     cls = _tower_class(spec["class_path"], allowed_classes, what)
-    try:
-        if cls in allowed_classes:
-            return cls(**init_args)
-        return instantiate_class((), {"class_path": spec["class_path"], "init_args": init_args})
+    try:  # built from where the checked class really lives, which is imported by now
+        return instantiate_class((), {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args})
     except TypeError as err:  # init_args that the class does not take (a checkpoint from another version)
         raise ValueError(f"the checkpoint's init_args for its {what} {spec['class_path']!r} do not fit: {err}") from err
 

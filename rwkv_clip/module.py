@@ -11,7 +11,6 @@ YAML with ``class_path``/``init_args`` (see ``configs/``). A run can start from 
 
 import math
 import random
-import re
 import time
 from typing import Literal, Optional
 
@@ -30,14 +29,6 @@ from rwkv_clip.loss import (
     clip_loss,
     siglip_loss,
 )
-
-# Parameters whose names match get no weight decay (DESIGN §4, fix): RWKV's mixing coefficients, decay and
-# bonus (time_maa_x, time_decay, time_faaaa, ...; but not the low-rank matrices time_*_w1/_w2, which are
-# ordinary weights), position embeddings and learned tokens, and the loss temperature and bias.
-NO_DECAY_PATTERN = re.compile(
-    r"(^|\.)time_(?!\w*_w[12]$)\w+$|pos_embed|positional_embedding|cls_token|reg_token|logit_scale|logit_bias"
-)
-
 
 def _rng_state(device: torch.device):
     return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
@@ -396,17 +387,22 @@ class CLIPModule(L.LightningModule):
             self.logit_scale.clamp_(max=self.max_log_logit_scale)
 
     def parameter_groups(self) -> list[dict]:
-        """AdamW groups: weight decay on matrices only (DESIGN §4)."""
-        no_decay_ids = set()
-        for module in self.modules():  # timm's convention: a module may name parameters to spare
-            if hasattr(module, "no_weight_decay") and callable(module.no_weight_decay):
-                names = module.no_weight_decay()
-                no_decay_ids |= {id(p) for n, p in module.named_parameters() if n in names}
+        """AdamW groups: weight decay on matrices only.
+
+        Vectors and scalars (biases, norm gains, the temperature and bias of the loss) never decay. Neither do the
+        parameters a tower names in ``no_weight_decay()`` (timm's convention): position embeddings, learned tokens,
+        and RWKV's mixing coefficients, decay and bonus, which are vectors stored with extra dimensions. Fixed
+        parameters (a locked tower) stay out of the optimizer.
+        """
+        no_decay_names = set()
+        for prefix, module in self.named_modules():
+            if module is not self and callable(getattr(module, "no_weight_decay", None)):
+                no_decay_names |= {f"{prefix}.{name}" for name in module.no_weight_decay()}
         decay, no_decay = [], []
         for name, param in self.named_parameters():
             if not param.requires_grad:
                 continue
-            spared = param.ndim < 2 or id(param) in no_decay_ids or NO_DECAY_PATTERN.search(name) is not None
+            spared = param.ndim < 2 or name in no_decay_names
             (no_decay if spared else decay).append(param)
         return [
             {"params": decay, "weight_decay": self.weight_decay},

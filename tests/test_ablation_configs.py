@@ -76,15 +76,19 @@ def test_config_pairs_the_right_towers(name):
 
 @pytest.mark.parametrize("group", [FULL, DEMO], ids=["full", "demo"])
 def test_configs_have_about_equal_parameter_counts(group):
-    import sys
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from bench_backbones import _build
+    """Counted on each config's model with its towers from the registry (test_registry checks they are the
+    config's towers)."""
+    from rwkv_clip.backbones import create_tower
+    from rwkv_clip.module import CLIPModule
+    from test_registry import CONFIG_TOWERS
 
     counts = {}
     for name in group:
+        image, text = CONFIG_TOWERS[f"configs/ablations/{name}.yaml"]
+        settings = {k: v for k, v in load(name)["model"]["init_args"].items() if k not in ("image_encoder", "text_encoder")}
         with torch.device("meta"):  # shapes only: the full-size towers take seconds to initialise
-            counts[name] = sum(p.numel() for p in _build(load(name)["model"]).parameters())
+            model = CLIPModule(create_tower(image), create_tower(text), **settings)
+        counts[name] = sum(p.numel() for p in model.parameters())
     lo, hi = min(counts.values()), max(counts.values())
     assert hi / lo < 1.1, f"parameter counts differ by more than 10%: {counts}"
 

@@ -205,7 +205,7 @@ def test_grad_checkpointing_gives_same_gradients(tower):
 
 def test_drop_path_is_linear_over_blocks_and_off_in_eval():
     v = VisionRWKV(img_size=32, patch_size=8, width=32, depth=4, head_size=8, drop_path_rate=0.3)
-    assert [round(b.drop_prob, 6) for b in v.blocks] == [0.0, 0.1, 0.2, 0.3]
+    assert [round(b.drop_path.drop_prob, 6) for b in v.blocks] == [0.0, 0.1, 0.2, 0.3]
     perturb(v).eval()
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(v(x), v(x))
@@ -270,10 +270,12 @@ def test_parameter_names_support_the_weight_decay_rules():
 
 
 def test_parameter_counts_of_published_configs():
+    from rwkv_clip.backbones import create_tower
+
     with torch.device("meta"):
-        b32 = VisionRWKV(img_size=224, patch_size=32)
-        b16 = VisionRWKV(img_size=224, patch_size=16)
-        text = TextRWKV()
+        b32 = create_tower("vision_rwkv_b32")
+        b16 = create_tower("vision_rwkv_b16")
+        text = create_tower("text_rwkv_b32")
     print(f"\nVisionRWKV B/32: {count(b32):,}  B/16: {count(b16):,}  TextRWKV: {count(text):,}")
     assert count(b32) == 84_207_360
     assert count(b16) == 82_826_880

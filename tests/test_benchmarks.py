@@ -21,10 +21,33 @@ def test_category_sorts_profiler_events():
     assert bench_backbones._category("aten::mul") == "other"
 
 
-def test_time_worker_explains_the_ablation_config_towers():
-    """kind=config builds the image towers of two ablation configs; explain() splits the step time."""
-    configs = {"rwkv": "configs/ablations/demo_rwkv_rwkv.yaml", "vit": "configs/ablations/demo_vit_transformer.yaml"}
-    spec = dict(mode="time", kind="config", configs=configs, res=64, batch=2, families=["rwkv", "vit"],
+def test_the_benchmark_builds_the_registry_towers():
+    """The matched pair is the ablation configs' image towers; the sweep resizes the registry's B/32 towers."""
+    from test_registry import CONFIG_TOWERS
+
+    from rwkv_clip.backbones import TextRWKV, TextTransformer, TimmViT, VisionRWKV
+
+    assert bench_backbones.IMAGE_TOWERS == {"rwkv": CONFIG_TOWERS["configs/ablations/rwkv_rwkv.yaml"][0],
+                                            "vit": CONFIG_TOWERS["configs/ablations/vit_transformer.yaml"][0]}
+    assert bench_backbones.TEXT_TOWERS == {"rwkv": CONFIG_TOWERS["configs/ablations/vit_rwkv.yaml"][1],
+                                           "transformer": CONFIG_TOWERS["configs/ablations/vit_transformer.yaml"][1]}
+    image = dict(kind="image", width=64, depth=1, head_size=32, res=64, patch=32, batch=2)
+    rwkv, x = bench_backbones._build_tower(image, "rwkv")
+    assert type(rwkv) is VisionRWKV and rwkv.training and x.shape == (2, 3, 64, 64)
+    assert (rwkv.width, len(rwkv.blocks), rwkv.grid, rwkv.blocks[0].ffn.key.out_features) == (64, 1, (2, 2), 320)
+    vit, _ = bench_backbones._build_tower(image, "vit")
+    assert type(vit) is TimmViT and (vit.width, len(vit.model.blocks), vit.model.blocks[0].attn.num_heads) == (64, 1, 2)
+    text = dict(kind="text", width=64, depth=1, head_size=32, context=16, batch=2)
+    rwkv, tokens = bench_backbones._build_tower(text, "rwkv")
+    assert type(rwkv) is TextRWKV and rwkv.blocks[0].ffn.key.out_features == 224 and tokens.shape == (2, 16)
+    trf, _ = bench_backbones._build_tower(text, "transformer")
+    assert type(trf) is TextTransformer and (trf.width, trf.layers, trf.heads) == (64, 1, 2)
+
+
+def test_time_worker_explains_the_registry_towers():
+    """kind=registry builds two named image towers; explain() splits the step time."""
+    towers = {"rwkv": "vision_rwkv_demo", "vit": "vit_demo"}
+    spec = dict(mode="time", kind="registry", towers=towers, res=64, batch=2, families=["rwkv", "vit"],
                 threads=1, repeats=1, explain=True)
     out = bench_backbones.worker(spec)
     for family in ("rwkv", "vit"):
@@ -43,8 +66,11 @@ def test_main_prints_the_comparison_and_the_breakdown(capsys):
     assert "224/32 (T=49): RWKV / ViT time" in out
     assert "GEMM+conv GFLOP (fwd+bwd)" in out and "alone take" in out
     assert "parameter-matched" not in out
-    assert rc in (0, 1)  # the verdict depends on the machine; the script must run to its end either way
-    assert "overall:" in out
+    # The verdict depends on the machine; the exit status, the target's line and the overall line must agree.
+    verdict = "PASS" if "  PASS  224/32 (T=49)" in out else "FAIL"
+    assert f"  {verdict}  224/32 (T=49)" in out
+    assert f"overall: {verdict} (1 target(s) judged)" in out
+    assert rc == (0 if verdict == "PASS" else 1)
 
 
 def test_micro_batch_benchmark_runs_both_paths(capsys):
@@ -54,3 +80,17 @@ def test_micro_batch_benchmark_runs_both_paths(capsys):
     rows = [line.split() for line in out.splitlines() if line.strip().startswith(("whole", "4 "))]
     assert [r[0] for r in rows] == ["whole", "4"], out
     assert float(rows[0][3]) == 1.0 and float(rows[1][3]) > 0  # ratios to the unchunked step
+
+
+def test_params_counts_each_config_as_built_from_its_class_paths(capsys):
+    """--params builds the config's model with Lightning's instantiate_class; its total is the registry towers'."""
+    from rwkv_clip.backbones import create_tower
+    from rwkv_clip.module import CLIPModule
+
+    config = "configs/ablations/demo_vit_transformer.yaml"
+    assert bench_backbones.main(["--params", config]) == 0
+    row = next(line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(config))
+    model = CLIPModule(create_tower("vit_demo"), create_tower("text_transformer_demo"), embed_dim=64)
+    count = lambda m: sum(p.numel() for p in m.parameters()) / 1e6  # noqa: E731
+    printed = [float(row[i]) for i in (1, 2, 4)]  # image, text, total, in millions to 2 decimals
+    assert printed == pytest.approx([count(model.image_encoder), count(model.text_encoder), count(model)], abs=0.0051)

@@ -366,3 +366,56 @@ def test_weight_decay_groups_of_the_rwkv_towers():
     for part in ("time_maa_w1", "time_maa_w2", "time_decay_w1", "time_decay_w2", "att.key.weight", "ffn.value.weight"):
         assert any(n.endswith(part) for n in decayed), part
     assert "text_encoder.emb.weight" in decayed and "image_encoder.patch_embed.weight" in decayed
+
+
+# The weight-decay rule before the towers named their own parameters (a copy, to check nothing moved): names
+# matching this pattern, parameters of fewer than 2 dims, and what a (non-rwkv_clip) module's no_weight_decay() names.
+OLD_NO_DECAY_PATTERN = r"(^|\.)time_(?!\w*_w[12]$)\w+$|pos_embed|positional_embedding|cls_token|reg_token|logit_scale|logit_bias"
+
+
+def old_parameter_groups(model: CLIPModule) -> tuple[set, set]:
+    import re
+
+    pattern = re.compile(OLD_NO_DECAY_PATTERN)
+    no_decay_ids = set()
+    for module in model.modules():
+        if type(module).__module__.startswith("rwkv_clip"):  # our towers had no no_weight_decay() then
+            continue
+        if hasattr(module, "no_weight_decay") and callable(module.no_weight_decay):
+            names = module.no_weight_decay()
+            no_decay_ids |= {id(p) for n, p in module.named_parameters() if n in names}
+    decay, no_decay = set(), set()
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        spared = param.ndim < 2 or id(param) in no_decay_ids or pattern.search(name) is not None
+        (no_decay if spared else decay).add(name)
+    return decay, no_decay
+
+
+@pytest.mark.parametrize("image, text, kwargs", [
+    ("vision_rwkv_b32", "text_rwkv_b32", {}),
+    ("vision_rwkv_b16", "text_transformer_b32", {"embed_dim": 640}),
+    ("vit_b32", "text_rwkv_b32", {"embed_dim": 640, "loss": "siglip"}),
+    ("vit_b32", "text_transformer_b32", {"embed_dim": 512}),
+    ("vision_rwkv_demo", "text_rwkv_demo", {"lock_image": True}),
+    ("vit_demo", "text_transformer_demo", {"embed_dim": 32, "lock_text": True}),
+    ("vit_demo", "text_rwkv_demo", {"embed_dim": 32, "loss": "siglip"}),
+    ("vision_rwkv_demo", "text_transformer_demo", {}),
+])
+def test_weight_decay_groups_equal_the_old_name_rule(image, text, kwargs):
+    from rwkv_clip.backbones import create_tower
+
+    overrides = {"model_kwargs": {"reg_tokens": 2}} if image == "vit_demo" else {}  # register tokens too
+    with torch.device("meta"):  # shapes only
+        model = CLIPModule(create_tower(image, **overrides), create_tower(text), **kwargs)
+    decay, no_decay = model.parameter_groups()
+    names = {id(p): n for n, p in model.named_parameters()}
+    new = ({names[id(p)] for p in decay["params"]}, {names[id(p)] for p in no_decay["params"]})
+    old = old_parameter_groups(model)
+    assert new == old
+    assert len(decay["params"]) == len(new[0]) and len(no_decay["params"]) == len(new[1])  # no parameter twice
+    assert any(n.startswith("image_encoder.") for n in new[1]) != ("lock_image" in kwargs)  # locked: left out
+    assert any(n.startswith("text_encoder.") for n in new[0]) != ("lock_text" in kwargs)
+    if image == "vit_demo":
+        assert "image_encoder.model.reg_token" in new[1]

@@ -10,8 +10,9 @@ image patch grid, B-Shift along the caption) and the channel-mix interpolation s
 the shift as a plain callable, so one SpatialMix / ChannelMix / Block serves both towers.
 
 Parameter names follow RWKV-LM v6 (``blocks.N.att.time_maa_x``, ``blocks.N.ffn.key``, ``emb``,
-``ln_out``...), so converting the published checkpoints is a key rename away. All mixing / decay / bonus vectors are called ``time_*``, so the
-optimiser can exclude them from weight decay by name.
+``ln_out``...), so converting the published checkpoints is a key rename away. Both towers have timm's small
+interface: ``no_weight_decay()`` names the mixing / decay / bonus vectors (all called ``time_*``) and the position
+embedding, and ``set_grad_checkpointing()`` switches block recomputation on or off.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Callable, Literal, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import DropPath, resample_abs_pos_embed
 from torch.utils.checkpoint import checkpoint
 
 from rwkv_clip.backbones.utils import padding_mask
@@ -64,14 +66,6 @@ def b_shift(x: torch.Tensor, head_size: int) -> torch.Tensor:
     out[:, 1:, :, 0] = x[:, :-1, :, 0]  # first half from the previous token
     out[:, :-1, :, 1] = x[:, 1:, :, 1]  # second half from the next token
     return out.view(B, T, C)
-
-
-def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Stochastic depth: drop the whole residual branch of a sample with probability ``p``."""
-    if p == 0.0 or not training:
-        return x
-    keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1.0 - p)
-    return x * keep / (1.0 - p)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -187,19 +181,31 @@ class ChannelMix(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual RWKV block; block 0 also owns ``ln0``, applied to the tower's input."""
+    """Pre-norm residual RWKV block; block 0 also owns ``ln0``, applied to the tower's input.
+
+    Args:
+        dim: channels C.
+        head_size: channels per WKV head.
+        hidden: channel-mix hidden width.
+        layer_id, n_layer: this block's index and the tower's depth (the RWKV-6 init depends on both).
+        drop_path: stochastic depth of both residual branches (timm's ``DropPath``).
+        ln_x_eps: epsilon of the GroupNorm after the WKV scan.
+        static_ffn_mix: channel-mix interpolation style (see ``ChannelMix``).
+        wkv_backend: passed to ``rwkv_clip.ops.bi_wkv``.
+    """
 
     def __init__(
         self,
+        *,
         dim: int,
         head_size: int,
         hidden: int,
         layer_id: int,
         n_layer: int,
-        drop_prob: float,
-        ln_x_eps: float,
-        static_ffn_mix: bool,
-        wkv_backend: str,
+        drop_path: float = 0.0,
+        ln_x_eps: float = 1e-5,
+        static_ffn_mix: bool = True,
+        wkv_backend: str = "auto",
     ):
         super().__init__()
         if layer_id == 0:
@@ -208,14 +214,22 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(dim)
         self.att = SpatialMix(dim, head_size, layer_id, n_layer, ln_x_eps, wkv_backend)
         self.ffn = ChannelMix(dim, hidden, layer_id, n_layer, static_ffn_mix)
-        self.drop_prob = drop_prob  # stochastic depth of both residual branches
+        self.drop_path = DropPath(drop_path)  # a no-op at 0 and in eval mode
 
     def forward(self, x: torch.Tensor, shift: Shift, key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if hasattr(self, "ln0"):
             x = self.ln0(x)
-        x = x + drop_path(self.att(self.ln1(x), shift, key_mask), self.drop_prob, self.training)
-        x = x + drop_path(self.ffn(self.ln2(x), shift), self.drop_prob, self.training)
+        x = x + self.drop_path(self.att(self.ln1(x), shift, key_mask))
+        x = x + self.drop_path(self.ffn(self.ln2(x), shift))
         return x
+
+
+def _time_vectors(tower: nn.Module) -> set[str]:
+    """The RWKV-6 per-channel vectors of ``tower``'s blocks: the token-shift mixing coefficients, the decay and
+    the bonus (``time_maa_x``, ``time_decay``, ``time_faaaa``, ...). The low-rank matrices beside them
+    (``time_maa_w1``, ``time_decay_w2``, ...) are ordinary weights and decay like any other matrix."""
+    return {name for name, _ in tower.named_parameters()
+            if name.rpartition(".")[2].startswith("time_") and not name.endswith(("_w1", "_w2"))}
 
 
 def _run_blocks(tower: nn.Module, x: torch.Tensor, shift: Shift, key_mask: Optional[torch.Tensor] = None):
@@ -272,24 +286,40 @@ class VisionRWKV(nn.Module):
         self.in_chans = in_chans
         self.head_size = head_size
         self.grid = (img_size // patch_size, img_size // patch_size)
-        self.grad_checkpointing = grad_checkpointing
+        self.grad_checkpointing = False
 
         self.patch_embed = nn.Conv2d(in_chans, width, kernel_size=patch_size, stride=patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], width))
         hidden = int(mlp_ratio * width)
-        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # 0 -> drop_path_rate
+        # timm's stochastic-depth schedule, linear from 0 at block 0 to drop_path_rate at the last block.
+        dpr = [r.item() for r in torch.linspace(0, drop_path_rate, depth, device="cpu")]
         self.blocks = nn.ModuleList(
-            Block(width, head_size, hidden, i, depth, dpr[i], 1e-5, True, wkv_backend) for i in range(depth)
+            Block(dim=width, head_size=head_size, hidden=hidden, layer_id=i, n_layer=depth, drop_path=dpr[i],
+                  ln_x_eps=1e-5, static_ffn_mix=True, wkv_backend=wkv_backend)
+            for i in range(depth)
         )
         self.ln_out = nn.LayerNorm(width)
+        self.set_grad_checkpointing(grad_checkpointing)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Names of the parameters that get no weight decay (timm's convention): the position embedding and
+        every block's mixing coefficients, decay and bonus vectors."""
+        return {"pos_embed"} | _time_vectors(self)
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass instead of keeping its activations."""
+        self.grad_checkpointing = enable
 
     def resized_pos_embed(self, grid: tuple[int, int]) -> torch.Tensor:
         """The position embedding for a patch ``grid`` (h, w), bicubically resized if it differs."""
         if grid == self.grid:
             return self.pos_embed
-        pe = self.pos_embed.reshape(1, *self.grid, self.width).permute(0, 3, 1, 2)
-        pe = F.interpolate(pe.float(), size=grid, mode="bicubic", align_corners=False).to(self.pos_embed.dtype)
-        return pe.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], self.width)
+        # antialias=False: plain bicubic (a = -0.75), as the published model resizes; timm's default antialiased
+        # kernel is a different cubic and would not reproduce its features.
+        return resample_abs_pos_embed(self.pos_embed, new_size=list(grid), old_size=list(self.grid),
+                                      num_prefix_tokens=0, interpolation="bicubic", antialias=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.dim() != 4 or images.shape[1] != self.in_chans:
@@ -350,15 +380,29 @@ class TextRWKV(nn.Module):
         self.head_size = head_size
         self.pad_id = pad_id
         self.pooling = pooling
-        self.grad_checkpointing = grad_checkpointing
+        self.grad_checkpointing = False
 
         self.emb = nn.Embedding(vocab_size, width)
         # GroupNorm eps 1e-5 * 64: the published head_size_divisor of 8, squared.
         self.blocks = nn.ModuleList(
-            Block(width, head_size, ffn_hidden, i, depth, 0.0, 1e-5 * 64, False, wkv_backend) for i in range(depth)
+            Block(dim=width, head_size=head_size, hidden=ffn_hidden, layer_id=i, n_layer=depth, drop_path=0.0,
+                  ln_x_eps=1e-5 * 64, static_ffn_mix=False, wkv_backend=wkv_backend)
+            for i in range(depth)
         )
         self.ln_out = nn.LayerNorm(width)
         self._init_weights(depth)
+        self.set_grad_checkpointing(grad_checkpointing)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Names of the parameters that get no weight decay (timm's convention): every block's mixing
+        coefficients, decay and bonus vectors."""
+        return _time_vectors(self)
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass instead of keeping its activations."""
+        self.grad_checkpointing = enable
 
     @torch.no_grad()
     def _init_weights(self, depth: int) -> None:

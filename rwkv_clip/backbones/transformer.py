@@ -15,7 +15,7 @@ from rwkv_clip.backbones.utils import padding_mask
 
 
 class Attention(nn.Module):
-    def __init__(self, width: int, heads: int):
+    def __init__(self, *, width: int, heads: int):
         super().__init__()
         self.heads = heads
         self.qkv = nn.Linear(width, 3 * width)
@@ -31,11 +31,11 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Pre-LN residual attention block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float):
+    def __init__(self, *, width: int, heads: int, mlp_ratio: float = 4.0):
         super().__init__()
         hidden = int(width * mlp_ratio)
         self.ln_1 = nn.LayerNorm(width)
-        self.attn = Attention(width, heads)
+        self.attn = Attention(width=width, heads=heads)
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
 
@@ -81,12 +81,23 @@ class TextTransformer(nn.Module):
             )
         self.vocab_size, self.context_length, self.pad_id = vocab_size, context_length, pad_id
         self.width, self.layers, self.heads = width, layers, heads
-        self.causal, self.pooling, self.grad_checkpointing = causal, pooling, grad_checkpointing
+        self.causal, self.pooling, self.grad_checkpointing = causal, pooling, False
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
-        self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio) for _ in range(layers)])
+        self.blocks = nn.ModuleList([Block(width=width, heads=heads, mlp_ratio=mlp_ratio) for _ in range(layers)])
         self.ln_final = nn.LayerNorm(width)
         self.init_parameters()
+        self.set_grad_checkpointing(grad_checkpointing)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Names of the parameters that get no weight decay (timm's convention): the position embedding."""
+        return {"positional_embedding"}
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass instead of keeping its activations."""
+        self.grad_checkpointing = enable
 
     @torch.no_grad()
     def init_parameters(self) -> None:

@@ -89,8 +89,21 @@ class TimmViT(nn.Module):
         self.patch_size = self.model.patch_embed.patch_size if hasattr(self.model, "patch_embed") else None
         if pretrained_path is not None:
             self.load_pretrained(pretrained_path)
-        if grad_checkpointing:
-            self.model.set_grad_checkpointing(True)
+        self.set_grad_checkpointing(grad_checkpointing)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Names of the parameters that get no weight decay (timm's convention): the position embedding and the
+        learned class / distillation / register tokens."""
+        own = {n.removeprefix("model.") for n, _ in self.named_parameters()}
+        names = set(self.model.no_weight_decay()) | {"pos_embed", "cls_token", "dist_token", "reg_token"}
+        return {f"model.{n}" for n in names if n in own}
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute block activations in the backward pass instead of keeping them (timm's own switch)."""
+        self.grad_checkpointing = enable
+        self.model.set_grad_checkpointing(enable)
 
     @torch.no_grad()
     def load_pretrained(self, path: str) -> None:
