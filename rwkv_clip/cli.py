@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import importlib
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from jsonargparse import Namespace
 from jsonargparse._link_arguments import skip_apply_links
@@ -105,6 +105,20 @@ class CLI(LightningCLI):
             else:
                 self._given = parser.parse_args(args, defaults=False)
 
+    def _dump_config(self) -> None:
+        # The model's hyperparameters (what load_model rebuilds the towers from) are this dump. jsonargparse
+        # leaves link targets out of a subclass's dumped init_args: put the towers' linked numbers back.
+        if hasattr(self, "config_dump"):
+            return
+        super()._dump_config()
+        config = self.config[self.config.subcommand] if "subcommand" in self.config else self.config
+        model = self.config_dump.get("model") or {}
+        for _, _, tower, argument in LINKS:
+            value = config.get(f"model.init_args.{tower}.init_args.{argument}")
+            node = (model.get("init_args") or {}).get(tower)
+            if value is not None and isinstance(node, dict):
+                node.setdefault("init_args", {})[argument] = value
+
     def _parse_ckpt_path(self) -> None:
         subcommand = self.config.get("subcommand")
         config, given = (self.config[subcommand], self._given[subcommand]) if subcommand else (self.config, self._given)
@@ -149,6 +163,18 @@ def main(args=None, run: bool = True) -> LightningCLI:
         args=args,
         run=run,
     )
+
+
+class _ParseOnly(CLI):
+    def instantiate_classes(self) -> None:
+        pass
+
+
+def parse_config(*configs: str, args: Sequence[str] = ()) -> Namespace:
+    """The config that ``main.py --config A --config B ... ARGS`` runs, links applied and checked, nothing built:
+    for tools and tests that read what a stack of configs (a base recipe and its overlays) amounts to."""
+    return _ParseOnly(CLIPModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                      args=[*(f"--config={c}" for c in configs), *args], run=False).config
 
 
 # --------------------------------------------------------------------------------------------------- helpers
