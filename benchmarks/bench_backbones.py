@@ -71,10 +71,13 @@ def _build_tower(spec: dict, family: str):
     import torch
 
     B = spec["batch"]
-    if spec["kind"] == "config":  # the image tower of an ablation config, without stochastic depth
-        import yaml
+    if spec["kind"] == "config":  # the image tower of a config (a stack: base, overlays), without stochastic depth
+        from rwkv_clip.cli import parse_config
 
-        node = yaml.safe_load((ROOT / spec["configs"][family]).read_text())["model"]["init_args"]["image_encoder"]
+        stack = spec["configs"][family]
+        stack = [stack] if isinstance(stack, str) else stack
+        node = parse_config(*(str(ROOT / c) for c in stack), args=["--trainer.logger=false"]).model.init_args
+        node = node.image_encoder.as_dict()
         node.setdefault("init_args", {})["drop_path_rate"] = 0.0
         return _build(node).train(), torch.randn(B, 3, spec["res"], spec["res"])
     w, d = spec["width"], spec["depth"]
@@ -370,7 +373,8 @@ def main(argv=None) -> int:
 
         if args.matched:
             # What swapping the image tower in YAML costs: the ablation configs' towers, parameter-matched.
-            configs = {"rwkv": "configs/rwkv_clip_b32.yaml", "vit": "configs/ablations/vit_transformer.yaml"}
+            configs = {"rwkv": "configs/rwkv_clip_b32.yaml",
+                       "vit": ["configs/rwkv_clip_b32.yaml", "configs/ablations/vit_transformer.yaml"]}
             pair = measure({**base, "kind": "config", "configs": configs, "res": 224, "batch": 8, "explain": True},
                            ["rwkv", "vit"], args.timeout)
             results.extend(pair.values())

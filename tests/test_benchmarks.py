@@ -23,7 +23,7 @@ def test_category_sorts_profiler_events():
 
 def test_time_worker_explains_the_ablation_config_towers():
     """kind=config builds the image towers of two ablation configs; explain() splits the step time."""
-    configs = {"rwkv": "configs/ablations/demo_rwkv_rwkv.yaml", "vit": "configs/ablations/demo_vit_transformer.yaml"}
+    configs = {"rwkv": "configs/demo.yaml", "vit": ["configs/demo.yaml", "configs/ablations/demo_vit_transformer.yaml"]}
     spec = dict(mode="time", kind="config", configs=configs, res=64, batch=2, families=["rwkv", "vit"],
                 threads=1, repeats=1, explain=True)
     out = bench_backbones.worker(spec)
