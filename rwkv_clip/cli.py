@@ -179,9 +179,12 @@ def parse_config(*configs: str, args: Sequence[str] = ()) -> Namespace:
 
 # --------------------------------------------------------------------------------------------------- helpers
 def _link_problems(config: Namespace, given: Namespace, from_checkpoint: bool) -> list[str]:
-    """One line per number of LINKS that the towers cannot take from the data: a tower without that argument,
-    a value the user gave the tower that differs from the data's, or (with --ckpt_path) a checkpoint built
-    for other data."""
+    """One line per number of LINKS that the towers cannot take from the data: a tower without that argument, or
+    a tower value that differs from the data's. A model that starts from weights (``--ckpt_path``, or
+    ``pretrained_path``) keeps the weights' numbers (given in the config, or the checkpoint's), and data that fit
+    them are fine: fewer tokens, shorter texts, any image size (the image towers resample their position
+    embeddings)."""
+    from_weights = from_checkpoint or bool(config.get("model.init_args.pretrained_path"))
     problems = []
     for source, read, tower, argument in LINKS:
         value = read(config.get("data"))
@@ -196,12 +199,16 @@ def _link_problems(config: Namespace, given: Namespace, from_checkpoint: bool) -
                             f"({tower_key}): use a tower that does, or data without this setting")
             continue
         given_value = given.get(tower_key) if given.get(f"model.init_args.{tower}.init_args") else None
-        if given_value is not None and given_value != value:
-            problems.append(f"  {tower_key}: {given_value!r} in the config, but {data_key} gives {value!r}: leave "
-                            "the tower's out, main.py takes it from the data")
-        elif tower_args[argument] != value:
-            where = "the checkpoint" if from_checkpoint else "the config"
-            problems.append(f"  {tower_key}: {tower_args[argument]!r} in {where}, but {data_key} gives {value!r}")
+        tower_value = given_value if given_value is not None else tower_args[argument]
+        if tower_value == value:
+            continue
+        if from_weights and (argument == "img_size" or value <= tower_value):
+            tower_args[argument] = tower_value  # the weights' number, which the link had replaced
+            continue
+        where = "the checkpoint" if from_checkpoint and given_value is None else "the config"
+        advice = (": more than the model's weights take" if from_weights else
+                  ": leave the tower's out, main.py takes it from the data")
+        problems.append(f"  {tower_key}: {tower_value!r} in {where}, but {data_key} gives {value!r}{advice}")
     return problems
 
 

@@ -229,8 +229,8 @@ def test_a_tower_that_cannot_take_the_datas_setting_is_refused_naming_both(tiny_
     assert "model.init_args.image_encoder.init_args.img_size" in err
 
 
-def test_data_that_differ_from_the_checkpoints_model_are_refused(trained, tmp_path, capsys):
-    """With --ckpt_path the model is the checkpoint's; data with another context length cannot feed it."""
+def test_data_that_do_not_fit_the_checkpoints_model_are_refused(trained, tmp_path, capsys):
+    """With --ckpt_path the model is the checkpoint's; data with longer texts than it takes cannot feed it."""
     config, ckpt = trained
     no_model = {k: v for k, v in config.items() if k != "model"}
     no_model["data"] = copy.deepcopy(config["data"])
@@ -240,6 +240,12 @@ def test_data_that_differ_from_the_checkpoints_model_are_refused(trained, tmp_pa
     err = capsys.readouterr().err
     assert ("model.init_args.text_encoder.init_args.context_length: 12 in the checkpoint, but "
             "data.init_args.context_length gives 20") in err, err
+    # Data that fit the checkpoint's numbers are fine, and the model keeps them: here larger images (the image
+    # tower resamples its position embedding) and shorter texts.
+    no_model["data"]["init_args"].update(context_length=10, image_size=24)
+    cli = main(["validate", "--config", _write(no_model, tmp_path / "fits.yaml"), "--ckpt_path", str(ckpt)])
+    assert cli.model.image_encoder.img_size == 16 and cli.model.text_encoder.context_length == 12
+    assert cli.datamodule.image_size == 24
 
 
 # ------------------------------------------------------------------------ README "Train on your own data"
