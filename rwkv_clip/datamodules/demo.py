@@ -15,7 +15,8 @@ Layout of ``root`` (default ``data/demo``)::
     templates.json           {"demo": ["a photo of a {c}.", ...]}
     manifest.json            generation parameters: a change regenerates the data
 
-Generation is deterministic (same parameters -> same bytes) and takes a few seconds.
+The splits are written with ``prepare``'s own writer (:func:`rwkv_clip.datamodules.prepare.write_samples`), so the
+demo is plain prepared data. Generation is deterministic (same parameters -> same bytes) and takes a few seconds.
 """
 
 from __future__ import annotations
