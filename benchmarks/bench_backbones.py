@@ -2,7 +2,8 @@
 
     python benchmarks/bench_backbones.py                     # image + text, default size (see --help)
     python benchmarks/bench_backbones.py --only image --sizes 224/32,1024/16 --repeats 2
-    python benchmarks/bench_backbones.py --params configs/ablations/*.yaml   # parameter count of each config
+    python benchmarks/bench_backbones.py --params configs/demo.yaml configs/ablations/demo_vit_rwkv.yaml   # parameters
+        of the model that these configs, stacked as main.py stacks --config files, build (--params again: another)
 
 Image towers (VisionRWKV vs TimmViT) at equal width and depth, at 224/32, 224/16, 448/16, 512/16, 1024/16
 (T = 49, 196, 784, 1024, 4096 patches); text towers (TextRWKV vs TextTransformer) at context 77 and 256.
@@ -228,17 +229,19 @@ def build_model(node: dict):
     return instantiate_class((), {"class_path": node["class_path"], "init_args": init_args})
 
 
-def count_params(configs: list[str]) -> int:
-    """Print image / text / projection / total parameters of the model in each YAML config."""
+def count_params(stacks: list[list[str]]) -> int:
+    """Print image / text / projection / total parameters of the model that each stack of YAML configs builds
+    (a base recipe and its overlays, with the vocabulary, context length and image size linked from the data)."""
     import torch
-    import yaml
 
     sys.path.insert(0, str(ROOT))
+    from rwkv_clip.cli import parse_config
+
     print(f"{'config':<45} {'image':>8} {'text':>8} {'proj+scale':>10} {'total':>8}  (millions)")
-    for path in configs:
-        cfg = yaml.safe_load(Path(path).read_text())
+    for stack in stacks:
+        path = " + ".join(Path(p).name for p in stack)
         with torch.device("meta"):  # shapes only: no memory, no (slow) weight init
-            model = build_model(cfg["model"])
+            model = build_model(parse_config(*stack, args=["--trainer.logger=false"]).model.as_dict())
         n = lambda m: sum(p.numel() for p in m.parameters()) / 1e6  # noqa: E731
         img, txt, tot = n(model.image_encoder), n(model.text_encoder), n(model)
         print(f"{path:<45} {img:>8.2f} {txt:>8.2f} {tot - img - txt:>10.3f} {tot:>8.2f}")
@@ -283,7 +286,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-matched", dest="matched", action="store_false",
                    help="skip the parameter-matched towers of the ablation configs (B/32 size, 224/32)")
     p.add_argument("--json", help="also write the raw results here")
-    p.add_argument("--params", nargs="+", metavar="CONFIG", help="only print each YAML config's parameter count")
+    p.add_argument("--params", nargs="+", action="append", metavar="CONFIG",
+                   help="only print the parameter count of the model these YAML configs build, stacked as main.py's "
+                        "--config files (a base recipe, then overlays); repeat --params for more models")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.params:

@@ -87,10 +87,11 @@ def test_params_counts_each_config_as_built_from_its_class_paths(capsys):
     from rwkv_clip.backbones import create_tower
     from rwkv_clip.module import CLIPModule
 
-    config = "configs/ablations/demo_vit_transformer.yaml"
-    assert bench_backbones.main(["--params", config]) == 0
-    row = next(line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(config))
+    stack = ["configs/demo.yaml", "configs/ablations/demo_vit_transformer.yaml"]  # the base and its overlay
+    assert bench_backbones.main(["--params", *stack]) == 0
+    row = next(line.split()[-4:] for line in capsys.readouterr().out.splitlines()
+               if line.startswith("demo.yaml + demo_vit_transformer.yaml"))
     model = CLIPModule(create_tower("vit_demo"), create_tower("text_transformer_demo"), embed_dim=64)
     count = lambda m: sum(p.numel() for p in m.parameters()) / 1e6  # noqa: E731
-    printed = [float(row[i]) for i in (1, 2, 4)]  # image, text, total, in millions to 2 decimals
+    printed = [float(row[i]) for i in (0, 1, 3)]  # image, text, total, in millions to 2 decimals
     assert printed == pytest.approx([count(model.image_encoder), count(model.text_encoder), count(model)], abs=0.0051)

@@ -10,11 +10,11 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from litdata.streaming.writer import BinaryWriter
 from PIL import Image
 
 from rwkv_clip.datamodules.image_text import (CLIP_MEAN, CLIP_STD, ImageTextDataModule, batch_sizes_per_rank,
                                               choose_text)
+from rwkv_clip.datamodules.prepare import write_samples
 from rwkv_clip.schema import UnsafeDatasetError
 from rwkv_clip.tokenizer import Tokenizer
 
@@ -28,11 +28,7 @@ def _jpeg(i: int, size=(20, 14)) -> bytes:
 
 
 def _write(path, samples):
-    writer = BinaryWriter(str(path), chunk_bytes="4KB")  # several chunks, as in real data
-    for i, s in enumerate(samples):
-        writer.add_item(i, s)
-    writer.done()
-    writer._merge_no_wait()
+    write_samples(samples, str(path), chunk_bytes="4KB")  # prepare's writer; several chunks, as in real data
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +166,25 @@ def test_bad_config_errors(data, tmp_path):
         make_dm(data, val_dir=str(tmp_path)).setup("fit")
     with pytest.raises(ValueError, match="none of the text sources"):
         make_dm(data, text_sources=["caption"]).setup("fit")
+    with pytest.raises(ValueError, match="torch_threads"):
+        make_dm(data, torch_threads=0)
+
+
+def test_torch_threads_and_vocab_size_are_the_data_modules(data):
+    """Any ImageTextDataModule sets the process's intra-op threads in setup, and reports its tokenizer's
+    vocabulary (what main.py gives the text tower)."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        dm = make_dm(data, torch_threads=1)
+        assert torch.get_num_threads() == 2  # not at construction: in setup, in the process that trains
+        dm.setup("fit")
+        assert torch.get_num_threads() == 1
+        make_dm(data).setup("fit")  # null: the thread count is left as it is
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert make_dm(data).vocab_size == Tokenizer.load(str(data / "tok.json")).vocab_size
 
 
 def test_corrupt_samples_are_replaced_and_counted(tmp_path, data, caplog):

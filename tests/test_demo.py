@@ -10,6 +10,7 @@ import torch
 from litdata import StreamingDataset
 from PIL import Image
 
+from rwkv_clip.datamodules import ImageTextDataModule
 from rwkv_clip.datamodules.demo import COLOURS, DemoDataModule, ensure_demo_data
 from rwkv_clip.tokenizer import Tokenizer
 
@@ -113,6 +114,33 @@ def test_demo_datamodule_batches(demo):
     assert dm.eval_transform(Image.new("RGB", (32, 32))).shape == (3, 16, 16)
     assert dm.tokenizer.vocab_size <= SMALL["vocab_size"]
     assert os.path.isdir(dm.test_dir) and dm.val_dataloader() is not None
+
+
+def test_demo_data_are_generated_only_in_prepare_data(tmp_path):
+    """Building the module (and reading the vocabulary the text tower gets) writes nothing; reading before
+    prepare_data fails on the missing folder, as for any prepared data."""
+    root = tmp_path / "demo"
+    dm = DemoDataModule(root=str(root), **{k: v for k, v in SMALL.items() if k != "image_size"},
+                        data_image_size=SMALL["image_size"], image_size=16, context_length=24, batch_size=8,
+                        num_workers=0)
+    assert dm.vocab_size == SMALL["vocab_size"] and not root.exists()
+    with pytest.raises(FileNotFoundError, match="train_dir"):
+        dm.setup("fit")
+    assert not (root / "train").exists()
+
+
+def test_demo_is_plain_prepared_data(demo):
+    """The demo's folders are what `prepare` writes: a plain ImageTextDataModule streams train and val, and the
+    held-out test split is an evaluation set with an int label per sample."""
+    dm = ImageTextDataModule(train_dir=os.path.join(demo, "train"), val_dir=os.path.join(demo, "val"),
+                             tokenizer=os.path.join(demo, "tokenizer.json"), image_size=16, context_length=24,
+                             batch_size=8, num_workers=0)
+    dm.setup("fit")
+    images, tokens = next(iter(dm.train_dataloader()))
+    assert images.shape == (8, 3, 16, 16) and tokens.shape == (8, 24)
+    assert dm.train_dataset.fields is not None and "label" in dm.train_dataset.fields
+    assert sum(len(b[1]) for b in dm.val_dataloader()) == SMALL["num_val"]
+    assert not [n for n in os.listdir(os.path.join(demo, "train")) if n.endswith(".index.json")]
 
 
 def test_bad_parameters(tmp_path):

@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from rwkv_clip.backbones import TextRWKV, TextTransformer, TimmViT, VisionRWKV, create_tower, list_towers, tower_config
 from rwkv_clip.backbones import rwkv, transformer
@@ -27,12 +26,33 @@ CONFIG_TOWERS = {
 CLASSES = {"VisionRWKV": VisionRWKV, "TextRWKV": TextRWKV, "TimmViT": TimmViT, "TextTransformer": TextTransformer}
 
 
+def config_stack(path: str) -> list[str]:
+    """The configs main.py stacks for ``path``: an ablation is an overlay on its base recipe."""
+    if "/ablations/" not in path:
+        return [str(ROOT / path)]
+    base = "configs/demo.yaml" if Path(path).name.startswith("demo_") else "configs/rwkv_clip_b32.yaml"
+    return [str(ROOT / base), str(ROOT / path)]
+
+
 @pytest.mark.parametrize("path", sorted(CONFIG_TOWERS))
 def test_config_towers_are_the_registry_entries(path):
-    model = yaml.safe_load((ROOT / path).read_text())["model"]["init_args"]
-    image, text = CONFIG_TOWERS[path]
-    assert model["image_encoder"] == tower_config(image)
-    assert model["text_encoder"] == tower_config(text)
+    """Each config, resolved as main.py resolves it (overlays stacked, numbers linked from the data), builds the
+    registry's towers: the entry's settings, and the same parameters."""
+    from lightning.pytorch.cli import instantiate_class
+
+    from rwkv_clip.cli import parse_config
+
+    full = "demo" not in path
+    if full:
+        pytest.importorskip("open_clip")  # CLIP's BPE (49408 tokens) in place of the data/ file the config names
+    config = parse_config(*config_stack(path), args=["--data.init_args.tokenizer=clip"] if full else [])
+    for key, name in zip(("image_encoder", "text_encoder"), CONFIG_TOWERS[path]):
+        node, entry = config.model.init_args[key].as_dict(), tower_config(name)
+        assert node["class_path"] == entry["class_path"], (path, key)
+        assert {k: node["init_args"].get(k) for k in entry["init_args"]} == entry["init_args"], (path, key)
+        with torch.device("meta"):  # shapes only
+            built, named = instantiate_class((), node), create_tower(name)
+        assert {k: v.shape for k, v in built.state_dict().items()} == {k: v.shape for k, v in named.state_dict().items()}
 
 
 def test_every_tower_builds_by_name_with_its_settings():

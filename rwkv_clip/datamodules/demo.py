@@ -15,7 +15,8 @@ Layout of ``root`` (default ``data/demo``)::
     templates.json           {"demo": ["a photo of a {c}.", ...]}
     manifest.json            generation parameters: a change regenerates the data
 
-Generation is deterministic (same parameters -> same bytes) and takes a few seconds.
+The splits are written with ``prepare``'s own writer (:func:`rwkv_clip.datamodules.prepare.write_samples`), so the
+demo is plain prepared data. Generation is deterministic (same parameters -> same bytes) and takes a few seconds.
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ import shutil
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 
 from rwkv_clip.datamodules.image_text import ImageTextDataModule
+from rwkv_clip.datamodules.prepare import write_samples
 from rwkv_clip.tokenizer import TEXT_FIELDS, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -211,18 +212,6 @@ def rich_caption(rng: np.random.Generator, a: dict[str, str]) -> str:
 
 
 # ---------------------------------------------------------------- generation
-def _write_split(path: str, samples: list[dict[str, Any]]) -> None:
-    from litdata.streaming.writer import BinaryWriter
-
-    # Written in-process (not litdata.optimize): deterministic chunk bytes, no worker start-up, and no
-    # waiting on other DDP ranks when called from prepare_data.
-    writer = BinaryWriter(path, chunk_bytes="4MB")
-    for i, sample in enumerate(samples):
-        writer.add_item(i, sample)
-    writer.done()
-    writer._merge_no_wait()
-
-
 def _make_split(rng: np.random.Generator, classes: list[tuple[str, str]], labels: list[int], image_size: int,
                 split: str) -> list[dict[str, Any]]:
     out = []
@@ -323,7 +312,8 @@ def _generate(root: str, p: dict[str, Any]) -> None:
         if not labels:
             labels = [0]
         splits[name] = _make_split(rng, classes, labels, size, name)
-        _write_split(os.path.join(tmp, name), splits[name])
+        # prepare's own writer, in this process: the same bytes for the same samples, index.json written last.
+        write_samples(splits[name], os.path.join(tmp, name), chunk_bytes="4MB")
     texts = [s[f] for s in splits["train"] for f in TEXT_FIELDS if s[f]]
     Tokenizer.train(texts, vocab_size=int(p["vocab_size"]), min_frequency=2).save(os.path.join(tmp, "tokenizer.json"))
     with open(os.path.join(tmp, "classnames.json"), "w") as f:
@@ -346,11 +336,14 @@ def _generate(root: str, p: dict[str, Any]) -> None:
 
 
 class DemoDataModule(ImageTextDataModule):
-    """ImageTextDataModule over the synthetic demo set, generated in ``prepare_data`` on first use.
+    """ImageTextDataModule over ``root/train``, ``root/val`` and ``root/tokenizer.json``, which ``prepare_data``
+    generates on first use (see :func:`ensure_demo_data`; a change of a generation argument regenerates them).
 
-    Generation args: see :func:`ensure_demo_data`. The rest are ImageTextDataModule's (train/val dirs and the
-    tokenizer are ``root/train``, ``root/val``, ``root/tokenizer.json``). ``torch_threads``: if set, the
-    number of intra-op CPU threads for training (``torch.set_num_threads``), set in ``setup``.
+    Generation args: ``num_train``, ``num_val``, ``num_test_per_class``, ``data_image_size`` (the stored images'
+    side), ``shapes``, ``colours``, ``vocab_size`` (the BPE is trained to at most this many tokens, and the text
+    tower gets this vocabulary through main.py's links) and ``data_seed``. The held-out ``root/test`` split, with
+    ``classnames.json`` and ``templates.json``, is an ordinary evaluation set for the zero-shot callbacks
+    (``source: litdata``). Every other argument is ImageTextDataModule's.
     """
 
     def __init__(
@@ -368,18 +361,9 @@ class DemoDataModule(ImageTextDataModule):
         context_length: int = 32,
         batch_size: int = 128,
         num_workers: int = 1,
-        text_sources: list[str] = list(TEXT_FIELDS),
-        weights: list[float] | None = None,
-        seed: int = 42,
-        shuffle: bool = True,
-        drop_last: bool = True,
-        scale: tuple[float, float] = (0.7, 1.0),
-        ratio: tuple[float, float] = (0.8, 1.25),
-        hflip: float = 0.5,
-        torch_threads: int | None = None,
+        **kwargs: Any,
     ) -> None:
         self.root = root
-        self.torch_threads = torch_threads
         self.gen_params = _params(dict(num_train=num_train, num_val=num_val, num_test_per_class=num_test_per_class,
                                        image_size=data_image_size, shapes=shapes, colours=colours,
                                        vocab_size=vocab_size, seed=data_seed))
@@ -387,28 +371,16 @@ class DemoDataModule(ImageTextDataModule):
         super().__init__(
             train_dir=os.path.join(root, "train"), tokenizer=os.path.join(root, "tokenizer.json"),
             val_dir=os.path.join(root, "val") if num_val > 0 else None, context_length=context_length,
-            image_size=image_size, batch_size=batch_size, num_workers=num_workers, text_sources=text_sources,
-            weights=weights, seed=seed, shuffle=shuffle, drop_last=drop_last, scale=scale, ratio=ratio, hflip=hflip)
+            image_size=image_size, batch_size=batch_size, num_workers=num_workers, **kwargs)
         self.test_dir = os.path.join(root, "test")
-        self.classnames_file = os.path.join(root, "classnames.json")
-        self.templates_file = os.path.join(root, "templates.json")
 
     def prepare_data(self) -> None:
         ensure_demo_data(self.root, **self.gen_params)
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.torch_threads:
-            # The demo's matrices are tiny: on a small CPU one intra-op thread beside the loader worker is faster
-            # than OpenMP threads spin-waiting for a core (measured ~10x slower with 2 threads on a busy 2-core box).
-            torch.set_num_threads(self.torch_threads)
-        self.prepare_data()  # no-op when present; covers direct use without a Trainer
-        super().setup(stage)
-
     @property
-    def tokenizer(self) -> Tokenizer:
-        if self._tokenizer is None:
-            self.prepare_data()
-        return super().tokenizer
+    def vocab_size(self) -> int:
+        # The generated tokenizer has at most this many tokens; known before it exists, so the model can be built.
+        return int(self.gen_params["vocab_size"])
 
     @property
     def classnames(self) -> list[str]:
