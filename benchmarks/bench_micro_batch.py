@@ -1,5 +1,5 @@
 """What ``CLIPModule(micro_batch_size=...)`` costs and saves: one training step of the whole batch at once
-against the same batch encoded in chunks with cached features (DESIGN §5).
+against the same batch encoded in chunks with cached features (docs/training.md, "Large batches in little memory").
 
     python benchmarks/bench_micro_batch.py                       # batch 64, chunks of 64, 16 and 8
     python benchmarks/bench_micro_batch.py --batch 128 --micro 128,32

@@ -1,4 +1,4 @@
-"""Contrastive losses on L2-normalised features (DESIGN §4).
+"""Contrastive losses on L2-normalised features (docs/training.md).
 
 Both losses use the "local loss" form: each rank scores its own rows against the columns of every rank.
 The caller gathers the other ranks' features *with gradient* (``LightningModule.all_gather(x, sync_grads=True)``),

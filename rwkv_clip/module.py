@@ -83,7 +83,7 @@ class CLIPModule(L.LightningModule):
         min_lr_ratio: the cosine decays to ``lr · min_lr_ratio``.
         max_logit_scale: the logit scale is clamped to ``log(max_logit_scale)`` after every optimizer step.
         micro_batch_size: encode each training batch in chunks of this many samples with cached features
-            (DESIGN §5): every sample still has the whole batch (of every rank) as negatives, and the gradients
+            (docs/training.md): every sample still has the whole batch (of every rank) as negatives, and the gradients
             are those of the whole batch, while the activation memory is that of one chunk. This is how to train
             with a larger contrastive batch than fits in memory: raise ``data.batch_size`` and set this. ``None``
             encodes the batch at once. (``trainer.accumulate_grad_batches`` would shrink the negatives to each

@@ -2,7 +2,7 @@
 
 Each sample of a prepared directory (``python -m rwkv_clip.datamodules.prepare``) holds a JPEG and up to three
 texts (``text``, ``synthetic_caption``, ``generated_caption``; a missing one is ""). Every time a sample is read,
-one of the enabled texts is drawn with the configured weights (DESIGN §1: the RWKV-CLIP "diverse descriptions").
+one of the enabled texts is drawn with the configured weights (the RWKV-CLIP "diverse descriptions", docs/training.md).
 
 YAML (LightningCLI):
 
@@ -53,7 +53,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 def train_transform(image_size: int, scale: Sequence[float] = (0.7, 1.0), ratio: Sequence[float] = (0.8, 1.25),
                     hflip: float = 0.5, interpolation: str = "bicubic") -> Callable[[Image.Image], torch.Tensor]:
-    """DESIGN §5 augmentation: RandomResizedCrop(area 0.7-1, ratio 0.8-1.25), horizontal flip, CLIP normalisation."""
+    """The published augmentation (docs/training.md): RandomResizedCrop(area 0.7-1, ratio 0.8-1.25), horizontal flip, CLIP normalisation."""
     steps: list[Callable] = [_to_rgb, T.RandomResizedCrop(image_size, scale=tuple(scale), ratio=tuple(ratio),
                                                           interpolation=_INTERPOLATIONS[interpolation], antialias=True)]
     if hflip > 0:
