@@ -106,6 +106,27 @@ def _build_tower(spec: dict, family: str):
     return model.train(), x
 
 
+def saved_bytes(model, x) -> int:
+    """Bytes autograd keeps for the backward pass of one forward of ``model(x)``: every tensor saved for
+    backward (``torch.autograd.graph.saved_tensors_hooks``), counted once per distinct storage, parameters
+    (and views of them) excluded. Exact and allocator-independent, unlike RSS."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    del out
+    return sum(seen.values())
+
+
 def _step(model, x) -> None:
     model.zero_grad(set_to_none=True)
     model(x).float().square().mean().backward()
