@@ -52,7 +52,11 @@ def _vector_grad(g: Tensor, vec: Tensor) -> Tensor:
 
 
 class TimeMixInputs(torch.autograd.Function):
-    """time_mix_inputs_reference, keeping x and the two low-rank tanh activations (rank 5*D and the decay's)."""
+    """time_mix_inputs_reference, keeping x and the two low-rank tanh activations (rank 5*D and the decay's).
+
+    The five lerps are one broadcast op over a (5, B, T, C) stack, forward and backward: a few large
+    elementwise passes cost less than many small ones.
+    """
 
     @staticmethod
     def forward(ctx, x, sx, shift, maa_x, maa_w, maa_k, maa_v, maa_r, maa_g, maa_w1, maa_w2, decay, decay_w1,
@@ -60,64 +64,52 @@ class TimeMixInputs(torch.autograd.Function):
         B, T, C = x.shape
         xx = sx - x
         m = torch.tanh((x + xx * maa_x) @ maa_w1).view(B, T, 5, -1)
-        mw, mk, mv, mr, mg = torch.einsum("btfd,fdc->fbtc", m, maa_w2).unbind(0)
-        xw = x + xx * (maa_w + mw)
-        r = F.linear(x + xx * (maa_r + mr), W_r)
-        k = F.linear(x + xx * (maa_k + mk), W_k)
-        v = F.linear(x + xx * (maa_v + mv), W_v)
-        g = F.linear(x + xx * (maa_g + mg), W_g)
+        maa = torch.stack((maa_w, maa_k, maa_v, maa_r, maa_g))  # (5, 1, 1, C)
+        xw, xk, xv, xr, xg = x + xx * (maa + torch.einsum("btfd,fdc->fbtc", m, maa_w2))
+        r, k, v, g = F.linear(xr, W_r), F.linear(xk, W_k), F.linear(xv, W_v), F.linear(xg, W_g)
         hd = torch.tanh(xw @ decay_w1)
         w = decay + hd @ decay_w2
         ctx.shift = shift
         _Autocast.save(ctx, x)
-        ctx.save_for_backward(x, m, hd, maa_x, maa_w, maa_k, maa_v, maa_r, maa_g, maa_w1, maa_w2, decay, decay_w1,
-                              decay_w2, W_r, W_k, W_v, W_g)
+        ctx.save_for_backward(x, m, hd, maa_x, maa, maa_w1, maa_w2, decay, decay_w1, decay_w2, W_r, W_k, W_v, W_g)
         return r, k, v, g, w
 
     @staticmethod
     def backward(ctx, g_r, g_k, g_v, g_g, g_w):
-        (x, m, hd, maa_x, maa_w, maa_k, maa_v, maa_r, maa_g, maa_w1, maa_w2, decay, decay_w1, decay_w2,
-         W_r, W_k, W_v, W_g) = ctx.saved_tensors
+        x, m, hd, maa_x, maa, maa_w1, maa_w2, decay, decay_w1, decay_w2, W_r, W_k, W_v, W_g = ctx.saved_tensors
         B, T, C = x.shape
         with _Autocast.enter(ctx):
             xx = ctx.shift(x) - x
+            mix = maa + torch.einsum("btfd,fdc->fbtc", m, maa_w2)  # (5, B, T, C): w, k, v, r, g
+            xw, xk, xv, xr, xg = xs = x + xx * mix
             # the decay's low-rank path: w = decay + tanh(xw @ decay_w1) @ decay_w2
-            g_decay = _vector_grad(g_w, decay)
+            g_hpre = (g_w @ decay_w2.t()).to(hd.dtype) * (1 - hd * hd)
             g_decay_w2 = (_flat(hd).t() @ _flat(g_w)).to(decay_w2.dtype)
-            g_hpre = ((g_w @ decay_w2.t()).to(hd.dtype) * (1 - hd * hd))
-            # the five lerps x_f = x + xx * (maa_f + m_f) and the projections they feed
-            g_x = torch.zeros_like(x)
-            g_xx = torch.zeros_like(xx)
-            g_m = []
-            grads = {}
-            for f, (maa, W, g_out) in enumerate(((maa_w, None, None), (maa_k, W_k, g_k), (maa_v, W_v, g_v),
-                                                 (maa_r, W_r, g_r), (maa_g, W_g, g_g))):
-                mix = maa + m[:, :, f] @ maa_w2[f]
-                x_f = x + xx * mix
-                if W is None:  # f = w: the decay path
-                    g_decay_w1 = (_flat(x_f).t() @ _flat(g_hpre)).to(decay_w1.dtype)
-                    g_xf = (g_hpre @ decay_w1.t()).to(x_f.dtype)
-                else:
-                    grads[f] = _weight_grad(g_out, x_f, W)
-                    g_xf = _input_grad(g_out, W, x_f)
-                g_x += g_xf
-                g_xx += g_xf * mix
-                g_mix = g_xf * xx
-                grads[("maa", f)] = _vector_grad(g_mix, maa)
-                g_m.append(g_mix)
-            g_mix = torch.stack(g_m)  # (5, B, T, C)
+            g_decay_w1 = (_flat(xw).t() @ _flat(g_hpre)).to(decay_w1.dtype)
+            g_xs = torch.stack((_input_grad(g_hpre, decay_w1.t(), xw), _input_grad(g_k, W_k, xk),
+                                _input_grad(g_v, W_v, xv), _input_grad(g_r, W_r, xr), _input_grad(g_g, W_g, xg)))
+            g_W = [_weight_grad(g, x_f, W) for g, x_f, W in ((g_r, xr, W_r), (g_k, xk, W_k), (g_v, xv, W_v),
+                                                              (g_g, xg, W_g))]
+            del xs, xw, xk, xv, xr, xg
+            # the five lerps x_f = x + xx * (maa_f + m_f)
+            g_x = g_xs.sum(0)
+            g_xx = (g_xs * mix).sum(0)
+            del mix
+            g_mix = g_xs * xx
+            del g_xs
+            g_maa = g_mix.sum((1, 2), keepdim=True).to(maa.dtype)
             g_maa_w2 = torch.einsum("btfd,fbtc->fdc", m, g_mix).to(maa_w2.dtype)
             g_mpre = (torch.einsum("fbtc,fdc->btfd", g_mix, maa_w2).to(m.dtype) * (1 - m * m)).reshape(B, T, -1)
-            del g_mix, g_m
+            del g_mix
             xxx = x + xx * maa_x
             g_maa_w1 = (_flat(xxx).t() @ _flat(g_mpre)).to(maa_w1.dtype)
-            g_xxx = (g_mpre @ maa_w1.t()).to(xxx.dtype)
+            g_xxx = _input_grad(g_mpre, maa_w1.t(), xxx)
             g_x += g_xxx
             g_xx += g_xxx * maa_x
             g_maa_x = _vector_grad(g_xxx * xx, maa_x)
             g_x -= g_xx  # xx = sx - x
-        return (g_x, g_xx, None, g_maa_x, *(grads[("maa", f)] for f in range(5)), g_maa_w1, g_maa_w2, g_decay,
-                g_decay_w1, g_decay_w2, grads[3], grads[1], grads[2], grads[4])
+        return (g_x, g_xx, None, g_maa_x, *g_maa.unbind(0), g_maa_w1, g_maa_w2, _vector_grad(g_w, decay),
+                g_decay_w1, g_decay_w2, *g_W)
 
 
 class GatedGroupNorm(torch.autograd.Function):
