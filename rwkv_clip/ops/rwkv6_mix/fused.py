@@ -81,7 +81,7 @@ class TimeMixInputs(torch.autograd.Function):
         with _Autocast.enter(ctx):
             xx = ctx.shift(x) - x
             mix = maa + torch.einsum("btfd,fdc->fbtc", m, maa_w2)  # (5, B, T, C): w, k, v, r, g
-            xw, xk, xv, xr, xg = xs = x + xx * mix
+            xw, xk, xv, xr, xg = xs = torch.addcmul(x, xx, mix)  # x + xx * mix in one pass
             # the decay's low-rank path: w = decay + tanh(xw @ decay_w1) @ decay_w2
             g_hpre = (g_w @ decay_w2.t()).to(hd.dtype) * (1 - hd * hd)
             g_decay_w2 = (_flat(hd).t() @ _flat(g_w)).to(decay_w2.dtype)
@@ -172,11 +172,12 @@ class ChannelMix(torch.autograd.Function):
             xk, xr = _channel_lerps(x, sx, maa_k, maa_r, ctx.static_mix)
             g_vk = g_out * rr
             g_rpre = torch.ops.aten.sigmoid_backward(g_out * vk, rr)
-            k2 = kk.square()
-            g_W_v = _weight_grad(g_vk, k2, W_v)
-            g_kpre = torch.ops.aten.threshold_backward(_input_grad(g_vk, W_v, k2) * (2 * kk), kk, 0)
-            g_W_k = _weight_grad(g_kpre, xk, W_k)
-            g_xk = _input_grad(g_kpre, W_k, xk)
+            g_W_v = _weight_grad(g_vk, kk.square(), W_v)
+            # ∂(relu(a)²)/∂a = 2·relu(a): zero wherever the ReLU clipped, so no separate mask. The factor 2 is
+            # applied to the (smaller) products below; doubling is exact in floating point.
+            g_kpre_half = _input_grad(g_vk, W_v, kk).mul_(kk)
+            g_W_k = _weight_grad(g_kpre_half, xk, W_k) * 2
+            g_xk = _input_grad(g_kpre_half, W_k, xk) * 2
             g_W_r = _weight_grad(g_rpre, xr, W_r)
             g_xr = _input_grad(g_rpre, W_r, xr)
             if ctx.static_mix:  # x_* = x*mu + sx*(1-mu)
