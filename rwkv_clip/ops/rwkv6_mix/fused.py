@@ -11,8 +11,6 @@ The token shift enters as the callable ``shift`` that made ``sx``: the Functions
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -196,5 +194,3 @@ def _channel_lerps(x, sx, maa_k, maa_r, static_mix: bool):
         return x * maa_k + sx * (1.0 - maa_k), x * maa_r + sx * (1.0 - maa_r)
     return x + (sx - x) * maa_k, x + (sx - x) * maa_r
 
-
-Shift = Callable[[Tensor], Tensor]
