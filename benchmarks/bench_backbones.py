@@ -3,6 +3,7 @@
     python benchmarks/bench_backbones.py                     # image + text, default size (see --help)
     python benchmarks/bench_backbones.py --only image --sizes 224/32,1024/16 --repeats 2
     python benchmarks/bench_backbones.py --params configs/ablations/*.yaml   # parameter count of each config
+    python benchmarks/bench_backbones.py --reference-mix   # also time RWKV with the reference (unfused) mixing
 
 Image towers (VisionRWKV vs TimmViT) at equal width and depth, at 224/32, 224/16, 448/16, 512/16, 1024/16
 (T = 49, 196, 784, 1024, 4096 patches); text towers (TextRWKV vs TextTransformer) at context 77 and 256.
@@ -16,14 +17,18 @@ per tower is reported. How memory is measured: every (tower, size) runs in a fre
 reusing one process would hide later peaks). The subprocess builds the model and input, resets the kernel's
 peak-RSS counter (``echo 5 > /proc/self/clear_refs``), runs one forward+backward, and reads ``VmHWM`` from
 ``/proc/self/status``. "act MiB/sample" = (peak RSS - RSS before the step - the parameter gradients) / batch,
-i.e. the activation memory that autograd keeps. "Linear in T" is judged by the log-log slope of that figure
+i.e. the activation memory that autograd keeps, plus the backward's temporaries. "saved MiB/sample" is exact: the
+bytes autograd keeps for backward over one forward (``saved_bytes``: saved_tensors_hooks, distinct storages,
+parameters excluded), for the RWKV towers with the fused mixing and with the reference maths (``ref``); target
+(issue 13): RWKV / ViT saved bytes <= 1.3 at every image size. "Linear in T" is judged by the log-log slope of that figure
 between the two largest sizes (<= 1.15 passes; attention that stored the T x T scores would give ~2).
 
 Why the times differ (printed under the 224/32 and T = 1024 targets): each tower's GEMM+conv FLOPs (torch's
 FlopCounterMode) and the profiler's split of its step into GEMMs, the patch conv, the token mixer (Bi-WKV scan or
 attention kernel) and everything else. Then the same pair at the ablation configs' sizes, parameter-matched
 (VisionRWKV 640x12 of rwkv_rwkv.yaml against ViT-B/32 of vit_transformer.yaml, 224/32, batch 8; skip it with
-``--no-matched``): that is what swapping ``class_path`` in YAML costs.
+``--no-matched``): that is what swapping ``class_path`` in YAML costs. Last, ``--budget``: the largest batch of
+RWKV-CLIP-B/16's two towers at 448 px whose saved activations fit in 16 GiB, fused against reference maths.
 
 Targets (DESIGN / issue 6): the RWKV image tower takes <= 1.2x the ViT's time at 224/32, is faster than the
 ViT from T = 1024 on (judged at every size with T >= 1024: 512/16 and 1024/16), and its
