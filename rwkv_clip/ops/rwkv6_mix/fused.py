@@ -49,6 +49,22 @@ def _vector_grad(g: Tensor, vec: Tensor) -> Tensor:
     return g.sum((0, 1), keepdim=True).to(vec.dtype)
 
 
+def _add_(a: Tensor, b: Tensor) -> Tensor:
+    """a + b, in place in a when that is what a + b would be (same dtype, a's shape): a fresh large temporary
+    costs more than the arithmetic, as its pages are new. Under autocast a bf16 ``a`` plus an fp32 ``b`` is fp32,
+    so that case allocates, as the reference does."""
+    return a.add_(b) if _in_place_ok(a, b) else a + b
+
+
+def _mul_(a: Tensor, b: Tensor) -> Tensor:
+    """a * b, in place in a where that gives the same result (see _add_)."""
+    return a.mul_(b) if _in_place_ok(a, b) else a * b
+
+
+def _in_place_ok(a: Tensor, b: Tensor) -> bool:
+    return torch.promote_types(a.dtype, b.dtype) == a.dtype and torch.broadcast_shapes(a.shape, b.shape) == a.shape
+
+
 class TimeMixInputs(torch.autograd.Function):
     """time_mix_inputs_reference, keeping x and the two low-rank tanh activations (rank 5*D and the decay's).
 
@@ -63,7 +79,8 @@ class TimeMixInputs(torch.autograd.Function):
         xx = sx - x
         m = torch.tanh((x + xx * maa_x) @ maa_w1).view(B, T, 5, -1)
         maa = torch.stack((maa_w, maa_k, maa_v, maa_r, maa_g))  # (5, 1, 1, C)
-        xw, xk, xv, xr, xg = x + xx * (maa + torch.einsum("btfd,fdc->fbtc", m, maa_w2))
+        # x + xx * (maa + m @ maa_w2), in place on one fresh (5, B, T, C) tensor where the dtypes allow
+        xw, xk, xv, xr, xg = _add_(_mul_(_add_(torch.einsum("btfd,fdc->fbtc", m, maa_w2), maa), xx), x)
         r, k, v, g = F.linear(xr, W_r), F.linear(xk, W_k), F.linear(xv, W_v), F.linear(xg, W_g)
         hd = torch.tanh(xw @ decay_w1)
         w = decay + hd @ decay_w2
@@ -78,7 +95,7 @@ class TimeMixInputs(torch.autograd.Function):
         B, T, C = x.shape
         with _Autocast.enter(ctx):
             xx = ctx.shift(x) - x
-            mix = maa + torch.einsum("btfd,fdc->fbtc", m, maa_w2)  # (5, B, T, C): w, k, v, r, g
+            mix = _add_(torch.einsum("btfd,fdc->fbtc", m, maa_w2), maa)  # (5, B, T, C): w, k, v, r, g
             xw, xk, xv, xr, xg = xs = torch.addcmul(x, xx, mix)  # x + xx * mix in one pass
             # the decay's low-rank path: w = decay + tanh(xw @ decay_w1) @ decay_w2
             g_hpre = (g_w @ decay_w2.t()).to(hd.dtype) * (1 - hd * hd)
@@ -91,10 +108,9 @@ class TimeMixInputs(torch.autograd.Function):
             del xs, xw, xk, xv, xr, xg
             # the five lerps x_f = x + xx * (maa_f + m_f)
             g_x = g_xs.sum(0)
-            g_xx = (g_xs * mix).sum(0)
-            del mix
-            g_mix = g_xs * xx
-            del g_xs
+            g_xx = _mul_(mix, g_xs).sum(0)  # in place: mix and g_xs are not needed after these
+            g_mix = _mul_(g_xs, xx)
+            del mix, g_xs
             g_maa = g_mix.sum((1, 2), keepdim=True).to(maa.dtype)
             g_maa_w2 = torch.einsum("btfd,fbtc->fdc", m, g_mix).to(maa_w2.dtype)
             g_mpre = (torch.einsum("fbtc,fdc->btfd", g_mix, maa_w2).to(m.dtype) * (1 - m * m)).reshape(B, T, -1)
@@ -136,9 +152,13 @@ class GatedGroupNorm(torch.autograd.Function):
             zs = z * s
             g_W_o = _weight_grad(g_out, zs, W_o)
             g_zs = _input_grad(g_out, W_o, zs)
-            g_gate = torch.ops.aten.silu_backward(g_zs * z, gate).to(gate.dtype)
+            del zs
+            # in place where the operand is not needed afterwards (fresh large temporaries are costly)
+            g_gate = torch.ops.aten.silu_backward(_mul_(z, g_zs), gate)
+            g_z = _mul_(s, g_zs)
             g_y, g_gn_w, g_gn_b = torch.ops.aten.native_group_norm_backward(
-                _flat(g_zs * s).to(y2.dtype), y2, mean, rstd, gn_weight, B * T, C, 1, ctx.groups, [True, True, True])
+                _flat(g_z).to(y2.dtype), y2, mean, rstd, gn_weight, B * T, C, 1, ctx.groups, [True, True, True])
+            g_gate = g_gate.to(gate.dtype)
         return g_y.view(B, T, C).to(y.dtype), g_gate, g_gn_w, g_gn_b, None, None, g_W_o
 
 
