@@ -1,4 +1,4 @@
-"""Tests for rwkv_clip.ops.bi_wkv: every backend against an explicit O(T²) sum of DESIGN §2."""
+"""Tests for rwkv_clip.ops.bi_wkv: every backend against an explicit O(T²) sum (docs/bi_wkv.md)."""
 from __future__ import annotations
 
 import os
@@ -201,53 +201,53 @@ def test_auto_uses_cpu_kernel_for_cpu_tensors(monkeypatch):
     assert calls == [1]
 
 
-def test_cpu_custom_op_passes_torch_library_opcheck():
+def test_custom_op_passes_torch_library_opcheck():
     """Schema, fake (shape-only) implementation and autograd registration, as torch.compile relies on them."""
     r, k, v, w, u = (x.contiguous() for x in make_inputs(2, 7, 2, 16, seed=3))
     for x in (r, k, v, w, u):
         x.requires_grad_(True)
-    torch.library.opcheck(torch.ops.rwkv_clip.bi_wkv_cpu, (r, k, v, w, u))
-    y, d = torch.ops.rwkv_clip.bi_wkv_cpu(r, k, v, w, u)
-    torch.library.opcheck(torch.ops.rwkv_clip.bi_wkv_cpu_backward,
-                          tuple(x.detach() for x in (r, k, v, d, w, u, torch.randn_like(y))))
-
-
-class _ReferenceScans:
-    """Stands in for the CUDA extension on CPU: its two entry points, computed with the reference (u = 0 gives
-    the two scans without the bonus term; d·∂L/∂d = ∂L/∂w / -exp(w))."""
-
-    @staticmethod
-    def _scans(r, k, v, d):
-        w = torch.log(-torch.log(d))
-        return bi_wkv_reference(r.float(), k.float(), v.float(), w, torch.zeros(r.shape[2:]))
-
-    def forward(self, r, k, v, d):
-        return self._scans(r, k, v, d)
-
-    def backward(self, r, k, v, d, gy):
-        leaves = [x.detach().float().requires_grad_() for x in (r, k, v, d)]
-        gr, gk, gv, gd = torch.autograd.grad(self._scans(*leaves), leaves, gy.float())
-        return gr, gk, gv, gd * d
+    torch.library.opcheck(torch.ops.rwkv_clip.bi_wkv, (r, k, v, w, u))
+    y = torch.ops.rwkv_clip.bi_wkv(r, k, v, w, u)
+    torch.library.opcheck(torch.ops.rwkv_clip.bi_wkv_backward,
+                          tuple(x.detach() for x in (r, k, v, w, u, torch.randn_like(y))))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_glue_adds_the_bonus_and_its_gradients(dtype):
-    """What the CUDA custom ops do around the kernel (bonus term, decay, dtypes, gradient of w and u), run on CPU
-    with the reference in the kernel's place, against the reference with the bonus."""
+def test_scan_keeps_only_its_inputs_for_backward(dtype):
+    """The op saves r, k, v, w, u themselves (which its caller holds anyway): no decay, no fp32 or padded copies,
+    even for bf16 inputs and a head size the CPU kernel pads (N = 8 -> 16)."""
+    r, k, v, w, u = make_inputs(2, 5, 2, 8, seed=5)
+    r, k, v = (x.to(dtype).requires_grad_() for x in (r, k, v))
+    w, u = w.requires_grad_(), u.requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = bi_wkv(r, k, v, w, u, backend="cpu")
+    assert y.dtype == dtype
+    assert {t.untyped_storage().data_ptr() for t in saved} == {x.untyped_storage().data_ptr() for x in (r, k, v, w, u)}
+
+
+def test_cpu_and_cuda_share_one_contract():
+    """One op for both devices: the same inputs (r, k, v in their dtype, fp32 w and u) give y in r's dtype and each
+    gradient in its input's dtype; the kernels compute the decay and the bonus term themselves."""
     r, k, v, w, u = make_inputs(2, 9, 2, 8, seed=4)
-    r, k, v = (x.to(dtype) for x in (r, k, v))
-    y, d = interface._scans_with_bonus(_ReferenceScans(), r, k, v, w, u)
-    assert y.dtype == dtype and d.dtype == torch.float32
-    leaves = [x.detach().float().requires_grad_() for x in (r, k, v, w, u)]
+    low = [x.to(torch.bfloat16).requires_grad_() for x in (r, k, v)] + [w.requires_grad_(), u.requires_grad_()]
+    y = torch.ops.rwkv_clip.bi_wkv(*low)
+    assert y.dtype == torch.bfloat16
+    leaves = [x.detach().float().requires_grad_() for x in low]
     y_ref = bi_wkv_reference(*leaves)
-    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5  # bf16 r, k, v are rounded before the reference sees them
-    torch.testing.assert_close(y.float(), y_ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(y.float(), y_ref, rtol=1e-2, atol=1e-2)
     gy = torch.randn_like(y_ref)
-    grads = interface._scan_grads_with_bonus(_ReferenceScans(), r, k, v, d, w, u, gy)
-    grads_ref = torch.autograd.grad(y_ref, leaves, gy.to(dtype).float())
-    for name, g, g_ref in zip("rkvwu", grads, grads_ref):
-        assert g.dtype == torch.float32 and g.shape == g_ref.shape, name
-        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-4, msg=lambda m: f"grad {name}: {m}")
+    grads = torch.autograd.grad(y, low, gy.to(torch.bfloat16))
+    grads_ref = torch.autograd.grad(y_ref, leaves, gy.to(torch.bfloat16).float())
+    for name, g, g_ref, x in zip("rkvwu", grads, grads_ref, low):
+        assert g.dtype == x.dtype and g.shape == g_ref.shape, name
+        torch.testing.assert_close(g.float(), g_ref, rtol=2e-2, atol=2e-2 * g_ref.abs().max().item(),
+                                   msg=lambda m: f"grad {name}: {m}")
+    # the CUDA bindings take the same arguments as the CPU kernel (compiled, not run, without a GPU)
+    here = os.path.join(os.path.dirname(interface.__file__))
+    cuda_bind = open(os.path.join(here, "cuda_bind.cpp")).read()
+    assert "forward(const at::Tensor& r, const at::Tensor& k, const at::Tensor& v, const at::Tensor& w," in cuda_bind
+    assert "backward(const at::Tensor& r, const at::Tensor& k, const at::Tensor& v, const at::Tensor& w," in cuda_bind
 
 
 def test_tower_compiles_without_graph_breaks_and_matches_eager():

@@ -1,6 +1,6 @@
 """Bidirectional RWKV-6 towers of RWKV-CLIP: ``VisionRWKV`` for images and ``TextRWKV`` for captions.
 
-Both towers stack the same pre-norm residual block (DESIGN §3):
+Both towers stack the same pre-norm residual block (docs/model.md):
 
     x = x + DropPath(SpatialMix(ln1(x)));  x = x + DropPath(ChannelMix(ln2(x)))
 
@@ -27,7 +27,7 @@ from timm.layers import DropPath, resample_abs_pos_embed
 from torch.utils.checkpoint import checkpoint
 
 from rwkv_clip.backbones.utils import padding_mask
-from rwkv_clip.ops import bi_wkv
+from rwkv_clip.ops import bi_wkv, rwkv6_mix
 
 TIME_MIX_EXTRA_DIM = 32  # rank of the data-dependent lerp (A1: C -> 5*32, A2: 5 x (32 -> C))
 TIME_DECAY_EXTRA_DIM = 64  # rank of the data-dependent decay (D1: C -> 64, D2: 64 -> C)
@@ -73,7 +73,7 @@ def b_shift(x: torch.Tensor, head_size: int) -> torch.Tensor:
 
 
 class SpatialMix(nn.Module):
-    """RWKV-6 time mixing with a data-dependent lerp and the bidirectional WKV scan (DESIGN §3)."""
+    """RWKV-6 time mixing with a data-dependent lerp and the bidirectional WKV scan (docs/model.md)."""
 
     def __init__(
         self, dim: int, head_size: int, layer_id: int, n_layer: int, ln_x_eps: float, wkv_backend: str
@@ -119,21 +119,13 @@ class SpatialMix(nn.Module):
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
 
-        # Data-dependent lerp between each token and its shifted neighbours.
-        xx = shift(x) - x
-        m = torch.tanh((x + xx * self.time_maa_x) @ self.time_maa_w1).view(B, T, 5, TIME_MIX_EXTRA_DIM)
-        mw, mk, mv, mr, mg = torch.einsum("btfd,fdc->fbtc", m, self.time_maa_w2).unbind(0)
-        xw = x + xx * (self.time_maa_w + mw)
-        xk = x + xx * (self.time_maa_k + mk)
-        xv = x + xx * (self.time_maa_v + mv)
-        xr = x + xx * (self.time_maa_r + mr)
-        xg = x + xx * (self.time_maa_g + mg)
-
-        r = self.receptance(xr)
-        k = self.key(xk)
-        v = self.value(xv)
-        g = F.silu(self.gate(xg))
-        w = self.time_decay + torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2
+        # Data-dependent lerp between each token and its shifted neighbours, then the projections.
+        r, k, v, g, w = rwkv6_mix.time_mix_inputs(
+            x, shift, self.time_maa_x,
+            (self.time_maa_w, self.time_maa_k, self.time_maa_v, self.time_maa_r, self.time_maa_g),
+            self.time_maa_w1, self.time_maa_w2, self.time_decay, self.time_decay_w1, self.time_decay_w2,
+            self.receptance.weight, self.key.weight, self.value.weight, self.gate.weight,
+        )
         if key_mask is not None:  # a key of zero adds nothing to either scan's state: pads stay silent
             k = k * key_mask
 
@@ -144,8 +136,9 @@ class SpatialMix(nn.Module):
             r.view(B, T, H, N), k.view(B, T, H, N), v.view(B, T, H, N), w.view(B, T, H, N), self.time_faaaa,
             backend=self.wkv_backend,
         )
-        y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
-        return self.output(y * g)
+        # GroupNorm per head, times silu(g), through the output projection.
+        return rwkv6_mix.gated_group_norm(y.reshape(B, T, C), g, self.ln_x.weight, self.ln_x.bias, H,
+                                          self.ln_x.eps, self.output.weight)
 
 
 class ChannelMix(nn.Module):
@@ -169,15 +162,8 @@ class ChannelMix(nn.Module):
         self.value = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor, shift: Shift) -> torch.Tensor:
-        sx = shift(x)
-        if self.static_mix:
-            xk = x * self.time_maa_k + sx * (1.0 - self.time_maa_k)
-            xr = x * self.time_maa_r + sx * (1.0 - self.time_maa_r)
-        else:
-            xk = x + (sx - x) * self.time_maa_k
-            xr = x + (sx - x) * self.time_maa_r
-        k = torch.relu(self.key(xk)).square()
-        return torch.sigmoid(self.receptance(xr)) * self.value(k)
+        return rwkv6_mix.channel_mix(x, shift, self.time_maa_k, self.time_maa_r, self.key.weight,
+                                     self.receptance.weight, self.value.weight, self.static_mix)
 
 
 class Block(nn.Module):

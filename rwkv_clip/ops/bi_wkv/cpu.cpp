@@ -1,4 +1,4 @@
-// Bi-WKV CPU kernel (DESIGN §2). Per-token scans with register-tiled N×N state.
+// Bi-WKV CPU kernel (docs/bi_wkv.md). Per-token scans with register-tiled N×N state.
 //
 // Every quantity the forward and backward passes need is one "exclusive sweep":
 //   for each token t in scan order:   out_t = Σ_a q_t[a] · M[a]        (read the state)
@@ -167,6 +167,20 @@ static inline T dot_row(const T* x, const T* y, const T* z, int64_t Np) {
   return s;
 }
 
+// d = exp(-exp(w)) for the tokens of one head (base = its token 0), into a scratch buffer: the forward and the
+// backward each recompute it from w, so nobody has to keep d between them.
+template <typename T>
+static void decay_of_head(const T* w, T* d, int64_t base, int64_t L, int64_t rs, int64_t Np) {
+  using V = typename Vec<T>::type;
+  constexpr int W = kVecBytes / sizeof(T);
+  for (int64_t t = 0; t < L; ++t) {
+    for (int64_t a = 0; a < Np; a += W) {
+      const int64_t e = base + t * rs + a;
+      storeu(d + e, vexp(-vexp(loadu<V>(w + e))));
+    }
+  }
+}
+
 // One task per (b, h) head (the decay of the head is computed once, in the same parallel region as the
 // scans: a busy shared machine pays for one thread-pool barrier per call).
 template <typename T>
@@ -179,12 +193,7 @@ static void fwd_impl(const T* r, const T* k, const T* v, const T* w, const T* u,
     const int64_t b = bh / H, h = bh % H;
     const int64_t base = b * L * rs + h * Np;
     const T* uh = u + h * Np;
-    for (int64_t t = 0; t < L; ++t) {  // d = exp(-exp(w)) for this head
-      for (int64_t a = 0; a < Np; a += W) {
-        const int64_t e = base + t * rs + a;
-        storeu(d + e, vexp(-vexp(loadu<V>(w + e))));
-      }
-    }
+    decay_of_head(w, d, base, L, rs, Np);
     auto at = [&](auto* p, int64_t t, int64_t lb) { return p + base + lb * W + t * rs; };
     // rows = key channel i (r, k, d), lanes = value channel j (v)
     sweep<T, false>(r + base, k + base, v + base, d + base, L, rs, Np, false, M,
@@ -199,7 +208,7 @@ static void fwd_impl(const T* r, const T* k, const T* v, const T* w, const T* u,
 }
 
 template <typename T>
-static void bwd_impl(const T* r, const T* k, const T* v, const T* d, const T* w, const T* u, const T* gy, T* gr,
+static void bwd_impl(const T* r, const T* k, const T* v, T* d, const T* w, const T* u, const T* gy, T* gr,
                      T* gk, T* gv, T* gw, T* gu, int64_t B, int64_t L, int64_t H, int64_t Np) {
   using V = typename Vec<T>::type;
   constexpr int W = kVecBytes / sizeof(T);
@@ -208,6 +217,7 @@ static void bwd_impl(const T* r, const T* k, const T* v, const T* d, const T* w,
     const int64_t b = bh / H, h = bh % H;
     const int64_t base = b * L * rs + h * Np;
     const T* uh = u + h * Np;
+    decay_of_head(w, d, base, L, rs, Np);
     // per lane block accumulators of the dgd prefix/suffix sums and of gu
     V *pk = M + 3 * Np * nlb, *pr = pk + nlb, *pkr = pr + nlb, *sr = pkr + nlb, *gul = sr + nlb;
     for (int64_t i = 0; i < 5 * nlb; ++i) pk[i] = V{};
@@ -316,28 +326,29 @@ static void check_u(const torch::Tensor& u, const torch::Tensor& r) {
   TORCH_CHECK(u.dim() == 2 && u.size(0) == r.size(2) && u.size(1) == r.size(3), "u must have shape (H, Np)");
 }
 
-// (y, d): y = both scans + bonus, d = exp(-exp(w)) (saved for the backward).
-// r, k, v, w: (B, T, H, Np) contiguous fp32/fp64; u: (H, Np).
-std::vector<torch::Tensor> forward(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Tensor w,
-                                   torch::Tensor u) {
+// The contract of both Bi-WKV kernels (this one and cuda.cu): forward(r, k, v, w, u) -> y, both scans plus the
+// bonus term; backward(r, k, v, w, u, gy) -> (gr, gk, gv, gw, gu per batch element (B, H, Np)).
+// Here r, k, v, w: (B, T, H, Np) contiguous fp32/fp64; u: (H, Np).
+torch::Tensor forward(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Tensor w, torch::Tensor u) {
   static const char* const names[] = {"r", "k", "v", "w"};
   check_all({r, k, v, w}, names);
   check_u(u, r);
-  auto y = new_output(r), d = new_output(r);
+  auto y = new_output(r), d = new_output(r);  // d: scratch
   AT_DISPATCH_FLOATING_TYPES(r.scalar_type(), "bi_wkv_cpu_forward", [&] {
     fwd_impl<scalar_t>(r.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
                        w.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), d.data_ptr<scalar_t>(),
                        r.size(0), r.size(1), r.size(2), r.size(3));
   });
-  return {y, d};
+  return y;
 }
 
 // Returns (gr, gk, gv, gw, gu_per_batch (B, H, Np)).
-std::vector<torch::Tensor> backward(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Tensor d,
-                                    torch::Tensor w, torch::Tensor u, torch::Tensor gy) {
-  static const char* const names[] = {"r", "k", "v", "d", "w", "gy"};
-  check_all({r, k, v, d, w, gy}, names);
+std::vector<torch::Tensor> backward(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Tensor w,
+                                    torch::Tensor u, torch::Tensor gy) {
+  static const char* const names[] = {"r", "k", "v", "w", "gy"};
+  check_all({r, k, v, w, gy}, names);
   check_u(u, r);
+  auto d = new_output(r);  // scratch: exp(-exp(w)), recomputed per head
   auto gr = new_output(r), gk = new_output(r), gv = new_output(r), gw = new_output(r);
   auto gu = torch::empty({r.size(0), r.size(2), r.size(3)}, r.options());
   AT_DISPATCH_FLOATING_TYPES(r.scalar_type(), "bi_wkv_cpu_backward", [&] {
@@ -351,7 +362,7 @@ std::vector<torch::Tensor> backward(torch::Tensor r, torch::Tensor k, torch::Ten
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "Bi-WKV forward: (y, exp(-exp(w)))");
+  m.def("forward", &forward, "Bi-WKV forward: y = both scans + bonus");
   m.def("backward", &backward, "Bi-WKV backward: (gr, gk, gv, gw, gu per batch element)");
   m.attr("pad") = kPad;
 }

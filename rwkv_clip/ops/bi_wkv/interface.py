@@ -60,132 +60,96 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _bonus_backward(r, k, v, w, u, gy, gr, gk, gv, dgd):
-    """Adds the bonus-term gradients and turns d·∂L/∂d into ∂L/∂w (all in the compute dtype)."""
-    vg = (v * gy).sum(-1, keepdim=True)  # v_t · gy_t
-    gr = gr + u * k * vg
-    gk = gk + u * r * vg
-    gv = gv + (r * u * k).sum(-1, keepdim=True) * gy
-    gu = (r * k * vg).sum((0, 1))
-    gw = -torch.exp(w) * dgd  # d = exp(-exp(w))  =>  ∂d/∂w = -exp(w)·d
-    return gr, gk, gv, gw, gu
-
-
-# The kernels are registered as torch.library custom ops, each with a fake (shape-only) version and its
-# autograd formula, so that torch.compile traces a tower through bi_wkv without a graph break. Casting,
-# padding and slicing stay outside the ops, in plain differentiable PyTorch.
+# One custom op, one contract, two kernels: rwkv_clip::bi_wkv(r, k, v, w, u) -> y and its backward
+# rwkv_clip::bi_wkv_backward(r, k, v, w, u, gy) -> (gr, gk, gv, gw, gu) run the C++ kernel on CPU tensors and
+# the CUDA kernel on CUDA tensors. Either kernel computes the whole thing, the decay d = exp(-exp(w)) and the
+# bonus term included. Both ops take the caller's tensors as they are (any float dtype, any strides): casting
+# and padding happen inside, so the autograd graph keeps only r, k, v, w and u, which the caller holds anyway,
+# and no copy of them. Each op has a fake (shape-only) version and the forward its autograd formula, so that
+# torch.compile traces a tower through bi_wkv without a graph break.
 
 CPU_PAD = 16  # the C++ kernel wants the head size padded (with zeros) to a multiple of this (kPad in cpu.cpp)
 
 
-@torch.library.custom_op("rwkv_clip::bi_wkv_cpu", mutates_args=(), device_types="cpu")
-def _cpu_forward(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
-    """(y, d = exp(-exp(w))) of contiguous fp32/fp64 (B, T, H, Np) inputs, Np a multiple of CPU_PAD."""
-    y, d = get_extension("cpu").forward(r, k, v, w, u)
-    return y, d
+@torch.library.custom_op("rwkv_clip::bi_wkv", mutates_args=())
+def _op_forward(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor) -> Tensor:
+    """y (B, T, H, N) in r's dtype."""
+    raise NotImplementedError(f"bi_wkv has kernels for CPU and CUDA tensors, not for {r.device.type}")
 
 
-@_cpu_forward.register_fake
+@_op_forward.register_fake
 def _(r, k, v, w, u):
-    return torch.empty_like(r), torch.empty_like(r)
+    return torch.empty_like(r, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("rwkv_clip::bi_wkv_cpu_backward", mutates_args=(), device_types="cpu")
-def _cpu_backward(r: Tensor, k: Tensor, v: Tensor, d: Tensor, w: Tensor, u: Tensor, gy: Tensor
-                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    gr, gk, gv, gw, gu = get_extension("cpu").backward(r, k, v, d, w, u, gy)
-    return gr, gk, gv, gw, gu.sum(0)  # the kernel returns gu per batch element
+@torch.library.custom_op("rwkv_clip::bi_wkv_backward", mutates_args=())
+def _op_backward(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, gy: Tensor
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(gr, gk, gv, gw, gu), each in the dtype of its input."""
+    raise NotImplementedError(f"bi_wkv has kernels for CPU and CUDA tensors, not for {r.device.type}")
 
 
-@_cpu_backward.register_fake
-def _(r, k, v, d, w, u, gy):
-    return tuple(torch.empty_like(r) for _ in range(4)) + (torch.empty_like(u),)
+@_op_backward.register_fake
+def _(r, k, v, w, u, gy):
+    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (r, k, v, w, u))
 
 
-def _cpu_setup_context(ctx, inputs, output):
-    r, k, v, w, u = inputs
-    ctx.save_for_backward(r, k, v, output[1], w, u)  # the kernel's backward recomputes the states from these
+def _cpu_prep(x: Tensor, ct: torch.dtype, pad: int) -> Tensor:
+    x = x.to(ct)
+    return (F.pad(x, (0, pad)) if pad else x).contiguous()
 
 
-def _cpu_grad(ctx, gy, _gd):
-    r, k, v, d, w, u = ctx.saved_tensors
-    return _cpu_backward(r, k, v, d, w, u, gy.contiguous())
+@_op_forward.register_kernel("cpu")
+def _(r, k, v, w, u):
+    ct, N = _compute_dtype(r.dtype), r.shape[-1]
+    pad = (-N) % CPU_PAD
+    y = get_extension("cpu").forward(*(_cpu_prep(x, ct, pad) for x in (r, k, v, w, u)))
+    return (y[..., :N] if pad else y).to(r.dtype).contiguous()
 
 
-torch.library.register_autograd("rwkv_clip::bi_wkv_cpu", _cpu_grad, setup_context=_cpu_setup_context)
+@_op_backward.register_kernel("cpu")
+def _(r, k, v, w, u, gy):
+    ct, N = _compute_dtype(r.dtype), r.shape[-1]
+    pad = (-N) % CPU_PAD
+    gr, gk, gv, gw, gu = get_extension("cpu").backward(*(_cpu_prep(x, ct, pad) for x in (r, k, v, w, u, gy)))
+    gu = gu.sum(0)  # the kernel returns gu per batch element
+    return tuple((g[..., :N] if pad else g).to(x.dtype).contiguous()
+                 for g, x in zip((gr, gk, gv, gw, gu), (r, k, v, w, u)))
+
+
+@_op_forward.register_kernel("cuda")
+def _(r, k, v, w, u):
+    ext = get_extension("cuda")
+    y = ext.forward(r.contiguous(), k.contiguous(), v.contiguous(), w.float().contiguous(), u.float().contiguous())
+    return y.to(r.dtype)  # the kernel writes fp32
+
+
+@_op_backward.register_kernel("cuda")
+def _(r, k, v, w, u, gy):
+    ext = get_extension("cuda")
+    gr, gk, gv, gw, gu = ext.backward(r.contiguous(), k.contiguous(), v.contiguous(), w.float().contiguous(),
+                                      u.float().contiguous(), gy.to(r.dtype).contiguous())
+    gu = gu.sum(0)  # the kernel returns gu per batch element
+    return tuple(g.to(x.dtype) for g, x in zip((gr, gk, gv, gw, gu), (r, k, v, w, u)))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)  # r, k, v, w, u: the kernels' backward recomputes everything else
+
+
+def _grad(ctx, gy):
+    return _op_backward(*ctx.saved_tensors, gy)
+
+
+torch.library.register_autograd("rwkv_clip::bi_wkv", _grad, setup_context=_setup_context)
 
 
 def _bi_wkv_cpu(r, k, v, w, u):
-    ct = _compute_dtype(r.dtype)
-    N = r.shape[-1]
-    pad = (-N) % CPU_PAD
-
-    def prep(x):
-        x = x.to(ct)
-        return (F.pad(x, (0, pad)) if pad else x).contiguous()
-
-    y, _ = _cpu_forward(prep(r), prep(k), prep(v), prep(w), prep(u))
-    return (y[..., :N] if pad else y).to(r.dtype)
-
-
-def _scans_with_bonus(ext, r, k, v, w, u):
-    """(y in r's dtype, d = exp(-exp(w)) in fp32) from ``ext.forward(r, k, v, d)``, the fp32 scans without the
-    bonus (the CUDA kernel, which reads r, k, v in their own dtype); the bonus term is added here."""
-    d = torch.exp(-torch.exp(w.float())).contiguous()
-    y = ext.forward(r, k, v, d)
-    y = y + (r.float() * u.float() * k.float()).sum(-1, keepdim=True) * v.float()
-    return y.to(r.dtype), d
-
-
-def _scan_grads_with_bonus(ext, r, k, v, d, w, u, gy):
-    """fp32 (gr, gk, gv, gw, gu) from ``ext.backward(r, k, v, d, gy)`` = (gr, gk, gv, d·∂L/∂d) of the scans."""
-    gy = gy.to(r.dtype).contiguous()
-    gr, gk, gv, dgd = ext.backward(r, k, v, d, gy)
-    return _bonus_backward(r.float(), k.float(), v.float(), w.float(), u.float(), gy.float(), gr, gk, gv, dgd)
-
-
-@torch.library.custom_op("rwkv_clip::bi_wkv_cuda", mutates_args=(), device_types="cuda")
-def _cuda_forward(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
-    """(y in r's dtype, d = exp(-exp(w)) in fp32) of contiguous (B, T, H, N) r, k, v (fp32/bf16/fp16)."""
-    return _scans_with_bonus(get_extension("cuda"), r, k, v, w, u)
-
-
-@_cuda_forward.register_fake
-def _(r, k, v, w, u):
-    return torch.empty_like(r), torch.empty_like(r, dtype=torch.float32)
-
-
-@torch.library.custom_op("rwkv_clip::bi_wkv_cuda_backward", mutates_args=(), device_types="cuda")
-def _cuda_backward(r: Tensor, k: Tensor, v: Tensor, d: Tensor, w: Tensor, u: Tensor, gy: Tensor
-                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """fp32 gradients for r, k, v, w, u."""
-    return _scan_grads_with_bonus(get_extension("cuda"), r, k, v, d, w, u, gy)
-
-
-@_cuda_backward.register_fake
-def _(r, k, v, d, w, u, gy):
-    return tuple(torch.empty_like(r, dtype=torch.float32) for _ in range(4)) + (
-        torch.empty_like(u, dtype=torch.float32),)
-
-
-def _cuda_setup_context(ctx, inputs, output):
-    r, k, v, w, u = inputs
-    ctx.save_for_backward(r, k, v, output[1], w, u)
-    ctx.dtypes = tuple(x.dtype for x in inputs)
-
-
-def _cuda_grad(ctx, gy, _gd):
-    r, k, v, d, w, u = ctx.saved_tensors
-    grads = _cuda_backward(r, k, v, d, w, u, gy)
-    return tuple(g.to(dt) for g, dt in zip(grads, ctx.dtypes))
-
-
-torch.library.register_autograd("rwkv_clip::bi_wkv_cuda", _cuda_grad, setup_context=_cuda_setup_context)
+    return _op_forward(r, k, v, w, u)
 
 
 def _bi_wkv_cuda(r, k, v, w, u):
-    y, _ = _cuda_forward(r.contiguous(), k.contiguous(), v.contiguous(), w, u)
-    return y
+    return _op_forward(r, k, v, w, u)
 
 
 @torch.compiler.assume_constant_result  # torch.compile: decided once, while tracing, not traced
@@ -205,7 +169,7 @@ def _kernel_or_reference(kind: str) -> bool:
 
 def bi_wkv(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor, *,
            backend: str = "auto") -> torch.Tensor:
-    """Bidirectional RWKV-6 WKV (DESIGN §2).
+    """Bidirectional RWKV-6 WKV (docs/bi_wkv.md).
 
     Args:
         r, k, v, w: (B, T, H, N) receptance, key, value and raw decay logit (decay = exp(-exp(w))).

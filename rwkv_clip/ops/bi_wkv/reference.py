@@ -1,4 +1,4 @@
-"""Readable pure-PyTorch Bi-WKV (DESIGN §2): two RWKV-6 scans with an N×N state.
+"""Readable pure-PyTorch Bi-WKV (docs/bi_wkv.md): two RWKV-6 scans with an N×N state.
 
 This is the trusted, slow baseline. Autograd differentiates straight through the
 loop, so it stores one N×N state per token and direction (that is exactly what the
