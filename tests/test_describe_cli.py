@@ -2,10 +2,8 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,7 @@ import pytest
 from rwkv_clip.command import parse
 from rwkv_clip.describe import describe
 from rwkv_clip.describe.__main__ import main
-from rwkv_clip.describe.testing import MockChatServer
+from rwkv_clip.describe.testing import MockChatServer, sigkill_when_written
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,18 +54,7 @@ def test_kill_and_resume(tmp_path, capsys):
         cmd = [sys.executable, "-m", "rwkv_clip.describe", "--input", str(inp), "--output", str(out),
                "--base-url", server.url, "--concurrency", "2", "--flush-every", "1", "--progress", "false"]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), cwd=ROOT)
-        try:
-            deadline = time.time() + 90
-            while time.time() < deadline and proc.poll() is None:
-                if out.exists() and out.read_text().count("\n") >= 10:
-                    break
-                time.sleep(0.05)
-            assert proc.poll() is None, "the run ended before it could be killed"
-            os.kill(proc.pid, signal.SIGKILL)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(timeout=30)
+        sigkill_when_written(proc, out, lines=10, timeout=90)
         first = [json.loads(line) for line in out.read_text().splitlines() if line.strip().endswith("}")]
         assert 10 <= len(first) < n
         # without --resume the existing output is refused, with a clear message

@@ -3,11 +3,8 @@ loopback vision server of rwkv_clip.describe.testing and a tiny local transforme
 
 import inspect
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +14,7 @@ from rwkv_clip.describe import PromptTemplate, clean_answer
 from rwkv_clip.describe.__main__ import main
 from rwkv_clip.describe.pipeline import caption, describe_all, tags
 from rwkv_clip.describe.prompt import parse_tag_answer
-from rwkv_clip.describe.testing import MockChatServer, mock_answer
+from rwkv_clip.describe.testing import MockChatServer, mock_answer, sigkill_when_written
 from rwkv_clip.schema import format_tags
 from test_describe import FAST, read_out, write_csv, write_jsonl
 
@@ -199,14 +196,7 @@ def test_all_killed_then_resumed_has_every_row_once(tmp_path, kill_in):
                "--base_url", s.url, "--tagger", "openai", "--concurrency", "2", "--flush_every", "1",
                "--progress", "false"]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
-        deadline = time.time() + 60
-        while time.time() < deadline and proc.poll() is None:
-            if watch.exists() and watch.read_text().count("\n") >= 10:
-                break
-            time.sleep(0.01)
-        assert proc.poll() is None, "the run ended before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        sigkill_when_written(proc, watch, lines=10, timeout=60)
         done_before = watch.read_text().count("\n")
         assert 10 <= done_before < n + 1
         rc = main(["all", "--input", str(inp), "--output", str(out), "--base_url", s.url, "--tagger", "openai",

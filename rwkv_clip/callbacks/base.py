@@ -184,13 +184,7 @@ class BenchmarkCallback(pl.Callback):
             from rwkv_clip.datamodules.image_text import eval_transform
 
             return eval_transform(self.image_size)
-        transform = getattr(trainer.datamodule, "eval_transform", None)
-        if transform is not None:
-            return transform
-        if callable(getattr(pl_module, "get_preprocess", None)):
-            return pl_module.get_preprocess()
-        raise ValueError(f"{type(self).__name__}: no image preprocessing: set the callback's image_size, use a "
-                         "datamodule with an eval_transform, or a model with get_preprocess()")
+        return self._from_run(trainer, pl_module, "eval_transform", "get_preprocess", "image preprocessing", "image_size")
 
     def _tokenizer(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Callable:
         if self.tokenizer:
@@ -199,13 +193,18 @@ class BenchmarkCallback(pl.Callback):
 
                 self._loaded_tokenizer = Tokenizer.load(self.tokenizer)
             return self._loaded_tokenizer
-        tokenizer = getattr(trainer.datamodule, "tokenizer", None)
-        if tokenizer is not None:
-            return tokenizer
-        if callable(getattr(pl_module, "get_tokenizer", None)):
-            return pl_module.get_tokenizer()
-        raise ValueError(f"{type(self).__name__}: no tokenizer: set the callback's tokenizer, use a datamodule "
-                         "with a tokenizer, or a model with get_tokenizer()")
+        return self._from_run(trainer, pl_module, "tokenizer", "get_tokenizer", "tokenizer", "tokenizer")
+
+    def _from_run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, datamodule_attr: str, model_getter: str,
+                  what: str, setting: str) -> Any:
+        """What the callback was not given: the datamodule's attribute, else the model's getter."""
+        value = getattr(trainer.datamodule, datamodule_attr, None)
+        if value is not None:
+            return value
+        if callable(getattr(pl_module, model_getter, None)):
+            return getattr(pl_module, model_getter)()
+        raise ValueError(f"{type(self).__name__}: no {what}: set the callback's {setting}, use a datamodule with "
+                         f"a {datamodule_attr}, or a model with {model_getter}()")
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, in_loop: bool) -> None:
         flat, headlines = {}, set()

@@ -21,7 +21,10 @@ import binascii
 import hashlib
 import io
 import json
+import os
 import re
+import signal
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -239,6 +242,25 @@ class _Handler(BaseHTTPRequestHandler):
                              "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
         with self.mock.lock:
             self.mock.log.append((time.monotonic(), content, act, status))
+
+
+def sigkill_when_written(proc: subprocess.Popen, path, lines: int = 10, timeout: float = 90.0) -> None:
+    """kill -9 ``proc`` as soon as ``path`` holds ``lines`` lines (a run killed mid-way, for resume tests)."""
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline and proc.poll() is None:
+            if path.exists() and path.read_text().count("\n") >= lines:
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
 
 
 def serve(delay: float = 0.0) -> None:
