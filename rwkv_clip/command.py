@@ -4,7 +4,7 @@ can hold any of them (the command line overrides the file).
 
 Beyond jsonargparse's defaults, every tool accepts:
 - an option spelled with dashes: ``--text-key`` is ``--text_key``;
-- a boolean option given bare: ``--resume`` is ``--resume true``;
+- a boolean option given bare: ``--resume`` is ``--resume true`` (also for an optional one, default null);
 - several values after a ``list[str]`` option: ``--input a.txt b.txt`` (in a config file: a YAML list);
 - the parameters named in ``positional`` as positional arguments.
 
@@ -57,7 +57,7 @@ def build_parser(fn: Callable, prog: Optional[str] = None, positional: Sequence[
         kwargs = {} if required else {"default": list(p.default)}
         parser.add_argument(f"--{name}", nargs="+", required=required, help=helps.get(name, ""), **kwargs)
     for action in parser._actions:
-        if hints.get(action.dest) is bool:  # a bare --flag means true
+        if hints.get(action.dest) in (bool, Optional[bool]):  # a bare --flag means true
             action.nargs, action.const = "?", True
         for option in list(action.option_strings):
             if option.startswith("--") and "_" in option:  # accepted, not listed in --help

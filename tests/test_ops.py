@@ -326,7 +326,7 @@ def test_extension_is_cached_and_not_rebuilt():
     assert interface.get_extension("cpu") is ext
     before = os.stat(ext.__file__).st_mtime_ns
     # the prebuild command in a fresh process finds the cached build and does not recompile
-    out = subprocess.run([sys.executable, "-m", "rwkv_clip.ops.build", "--no-cuda"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "rwkv_clip.ops.build", "--cuda", "false"], capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     assert ext.__file__ in out.stdout
@@ -339,7 +339,7 @@ def test_extension_is_cached_and_not_rebuilt():
 def test_cuda_extension_compiles_and_links():
     # compiles for sm_80 and sm_90 even without a GPU (~3 min on 2 cores the first time, then cached)
     env = dict(os.environ, CUDA_HOME=os.environ.get("CUDA_HOME", "/usr/local/cuda"))
-    out = subprocess.run([sys.executable, "-m", "rwkv_clip.ops.build", "--cuda", "--no-cpu"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "rwkv_clip.ops.build", "--cuda", "--cpu", "false"], capture_output=True,
                          text=True, timeout=1800, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "8.0;9.0" in out.stdout and ".so" in out.stdout
