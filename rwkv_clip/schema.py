@@ -12,8 +12,9 @@ A prepared sample (written by ``python -m rwkv_clip.datamodules.prepare``) is a 
 | `generated_caption` | str   | an LLM's description merging the others ("" when missing)         |
 | `tags`              | str   | object tags, ``"a, b, c"``: input to the LLM only, never trained on |
 
-Evaluation sets may add an int `label`. This module imports neither torch nor litdata, so command-line tools that
-only read tables start at once.
+Evaluation sets may add an int `label`. Every image the towers see is normalised with CLIP's mean and std
+(``CLIP_MEAN``, ``CLIP_STD``: OpenAI's values, as timm ships them). This module imports neither torch nor litdata
+(timm only when those two are first read), so command-line tools that only read tables start at once.
 """
 
 from __future__ import annotations
@@ -223,3 +224,12 @@ def check_prepared_dir(path: str) -> dict[str, Any]:
     config = read_index(index_path)["config"]
     check_data_format(config, index_path)
     return config
+
+
+def __getattr__(name: str) -> Any:
+    """``CLIP_MEAN`` and ``CLIP_STD`` from timm, imported on first use (timm imports torch)."""
+    if name in ("CLIP_MEAN", "CLIP_STD"):
+        from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+        return OPENAI_CLIP_MEAN if name == "CLIP_MEAN" else OPENAI_CLIP_STD
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

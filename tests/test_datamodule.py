@@ -12,10 +12,9 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 
-from rwkv_clip.datamodules.image_text import (CLIP_MEAN, CLIP_STD, ImageTextDataModule, batch_sizes_per_rank,
-                                              choose_text)
+from rwkv_clip.datamodules.image_text import ImageTextDataModule, batch_sizes_per_rank, choose_text
 from rwkv_clip.datamodules.prepare import write_samples
-from rwkv_clip.schema import UnsafeDatasetError
+from rwkv_clip.schema import CLIP_MEAN, CLIP_STD, UnsafeDatasetError
 from rwkv_clip.tokenizer import Tokenizer
 
 N = 48

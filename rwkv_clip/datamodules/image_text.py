@@ -35,13 +35,12 @@ from litdata import StreamingDataLoader, StreamingDataset
 from PIL import Image
 from torchvision import transforms as T
 
-from rwkv_clip.schema import check_data_format, check_prepared_dir, index_fields, read_index
-from rwkv_clip.tokenizer import TEXT_FIELDS, Tokenizer
+from rwkv_clip.schema import (CLIP_MEAN, CLIP_STD, TEXT_FIELDS, check_data_format, check_prepared_dir, index_fields,
+                              read_index)
+from rwkv_clip.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _INTERPOLATIONS = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR,
                    "nearest": T.InterpolationMode.NEAREST}
 _REMOTE_PREFIXES = ("s3://", "gs://", "gcs://", "azure://", "hf://", "http://", "https://", "local:")
