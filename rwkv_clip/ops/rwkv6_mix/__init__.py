@@ -19,12 +19,16 @@ FUSED = True
 Shift = Callable[[Tensor], Tensor]
 
 
+def _use_fused(fused: Optional[bool]) -> bool:
+    return FUSED if fused is None else fused
+
+
 def time_mix_inputs(x: Tensor, shift: Shift, maa_x: Tensor, maa_wkvrg: tuple[Tensor, ...], maa_w1: Tensor,
                     maa_w2: Tensor, decay: Tensor, decay_w1: Tensor, decay_w2: Tensor, W_r: Tensor, W_k: Tensor,
                     W_v: Tensor, W_g: Tensor, fused: Optional[bool] = None) -> tuple[Tensor, ...]:
     """(r, k, v, gate before SiLU, decay logit w) of tokens ``x`` (B, T, C); see time_mix_inputs_reference."""
     sx = shift(x)
-    if not (FUSED if fused is None else fused):
+    if not _use_fused(fused):
         return time_mix_inputs_reference(x, sx, maa_x, maa_wkvrg, maa_w1, maa_w2, decay, decay_w1, decay_w2,
                                          W_r, W_k, W_v, W_g)
     return TimeMixInputs.apply(x, sx, shift, maa_x, *maa_wkvrg, maa_w1, maa_w2, decay, decay_w1, decay_w2,
@@ -34,7 +38,7 @@ def time_mix_inputs(x: Tensor, shift: Shift, maa_x: Tensor, maa_wkvrg: tuple[Ten
 def gated_group_norm(y: Tensor, gate: Tensor, gn_weight: Tensor, gn_bias: Tensor, groups: int, eps: float,
                      W_o: Tensor, fused: Optional[bool] = None) -> Tensor:
     """``W_o (GroupNorm(y) * silu(gate))``; see gated_group_norm_reference."""
-    if not (FUSED if fused is None else fused):
+    if not _use_fused(fused):
         return gated_group_norm_reference(y, gate, gn_weight, gn_bias, groups, eps, W_o)
     return GatedGroupNorm.apply(y, gate, gn_weight, gn_bias, groups, eps, W_o)
 
@@ -43,7 +47,7 @@ def channel_mix(x: Tensor, shift: Shift, maa_k: Tensor, maa_r: Tensor, W_k: Tens
                 static_mix: bool, fused: Optional[bool] = None) -> Tensor:
     """``sigmoid(W_r x_r) * W_v relu(W_k x_k)^2``; see channel_mix_reference."""
     sx = shift(x)
-    if not (FUSED if fused is None else fused):
+    if not _use_fused(fused):
         return channel_mix_reference(x, sx, maa_k, maa_r, W_k, W_r, W_v, static_mix)
     return ChannelMix.apply(x, sx, shift, maa_k, maa_r, W_k, W_r, W_v, static_mix)
 
